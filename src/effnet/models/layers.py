@@ -1,0 +1,160 @@
+"""Building blocks of EfficientNet: conv-BN-activation, squeeze-and-excitation, MBConv, drop path.
+
+Submodule names (`conv`, `bn`, `expand`, `depthwise`, `se`, `project`) are this project's own
+state-dict layout; `weights.py` maps torchvision's, timm's and efficientnet_pytorch's onto them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effnet.models.spec import Activation, Padding
+
+
+def make_activation(name: Activation) -> nn.Module:
+    if name == "silu":
+        return nn.SiLU(inplace=True)
+    if name == "relu6":
+        return nn.ReLU6(inplace=True)
+    raise ValueError(f"unknown activation {name!r}; expected 'silu' or 'relu6'")
+
+
+def tf_same_pad_amount(size: int, kernel: int, stride: int, dilation: int = 1) -> int:
+    """Total padding TensorFlow's 'SAME' adds along one axis (output = ceil(size / stride))."""
+    return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv2d with TensorFlow 'SAME' padding, which pads the bottom/right more than the top/left
+    for even totals. Weights ported from TensorFlow lose accuracy without it, because every
+    strided convolution would otherwise sample a grid shifted by one pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        pad_h = tf_same_pad_amount(height, self.kernel_size[0], self.stride[0], self.dilation[0])
+        pad_w = tf_same_pad_amount(width, self.kernel_size[1], self.stride[1], self.dilation[1])
+        if pad_h or pad_w:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def make_conv(
+    in_channels: int,
+    out_channels: int,
+    kernel: int,
+    stride: int = 1,
+    groups: int = 1,
+    padding: Padding = "symmetric",
+) -> nn.Conv2d:
+    """A bias-free convolution (a BatchNorm always follows) with the requested padding rule.
+
+    TF 'same' equals symmetric `kernel // 2` padding whenever the stride is 1, so only strided
+    convolutions pay for the dynamic padding.
+    """
+    if padding == "same" and stride > 1:
+        return Conv2dSame(in_channels, out_channels, kernel, stride, padding=0, groups=groups, bias=False)
+    return nn.Conv2d(in_channels, out_channels, kernel, stride, padding=kernel // 2, groups=groups, bias=False)
+
+
+class ConvBNAct(nn.Module):
+    """Convolution, batch norm and an optional activation: the unit every EfficientNet layer uses."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        activation: Activation | None = "silu",
+        padding: Padding = "symmetric",
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.conv = make_conv(in_channels, out_channels, kernel, stride, groups, padding)
+        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
+        self.act = make_activation(activation) if activation else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): reweight channels by a gate computed from their
+    global average, through a bottleneck of `squeeze_channels` (a quarter of the block's input)."""
+
+    def __init__(self, channels: int, squeeze_channels: int, activation: Activation = "silu") -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, squeeze_channels, 1)
+        self.act = make_activation(activation)
+        self.expand = nn.Conv2d(squeeze_channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.mean((2, 3), keepdim=True)
+        scale = self.expand(self.act(self.reduce(scale)))
+        return x * scale.sigmoid()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): in training, drop a residual branch for a whole
+    sample with probability `rate`, scaling survivors by 1/(1-rate) so the expectation is kept."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate:.4f}"
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck (Sandler et al. 2018) with optional squeeze-and-excitation:
+    1x1 expansion, k x k depthwise, SE, 1x1 linear projection, and a residual connection with
+    stochastic depth when the block keeps its shape. With `expand_ratio == 1` (MBConv1) the
+    expansion is skipped, as in the paper's first stage."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        stride: int,
+        expand_ratio: int,
+        se_ratio: float | None,
+        drop_path_rate: float,
+        activation: Activation = "silu",
+        padding: Padding = "symmetric",
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        norm = {"padding": padding, "bn_eps": bn_eps, "bn_momentum": bn_momentum}
+        hidden = in_channels * expand_ratio
+        self.has_residual = stride == 1 and in_channels == out_channels
+        self.expand = ConvBNAct(in_channels, hidden, 1, activation=activation, **norm) if expand_ratio != 1 else None
+        self.depthwise = ConvBNAct(hidden, hidden, kernel, stride, groups=hidden, activation=activation, **norm)
+        self.se = SqueezeExcite(hidden, max(1, int(in_channels * se_ratio)), activation) if se_ratio else None
+        self.project = ConvBNAct(hidden, out_channels, 1, activation=None, **norm)
+        self.drop_path = DropPath(drop_path_rate) if self.has_residual and drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x if self.expand is None else self.expand(x)
+        out = self.depthwise(out)
+        if self.se is not None:
+            out = self.se(out)
+        out = self.project(out)
+        if self.has_residual:
+            out = self.drop_path(out) + x
+        return out

