@@ -261,8 +261,9 @@ _TORCHVISION_URLS = {
     "efficientnet_b6": "https://download.pytorch.org/models/efficientnet_b6_lukemelas-24a108a5.pth",
     "efficientnet_b7": "https://download.pytorch.org/models/efficientnet_b7_lukemelas-c5b4e57e.pth",
 }
+# timm hub names; for tf_efficientnet_b* the paper's own ImageNet results (AutoAugment training).
 _TIMM_HUB = (
-    {f"tf_efficientnet_b{i}": f"tf_efficientnet_b{i}.ns_jft_in1k" for i in range(8)}
+    {f"tf_efficientnet_b{i}": f"tf_efficientnet_b{i}.aa_in1k" for i in range(8)}
     | {f"tf_efficientnet_lite{i}": f"tf_efficientnet_lite{i}.in1k" for i in range(5)}
     | {"efficientnet_lite0": "efficientnet_lite0.ra_in1k"}
 )
