@@ -9,14 +9,23 @@ multiply-adds).
 from __future__ import annotations
 
 import os
+import pickle
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+T = TypeVar("T")
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -120,3 +129,126 @@ def time_calls(fn: Callable[[], object], batch_size: int, warmup: int = 2, repea
 
 def cpu_threads() -> int:
     return torch.get_num_threads() if torch.get_num_threads() else (os.cpu_count() or 1)
+
+
+def random_batch(model: nn.Module, batch_size: int, img_size: int | tuple[int, int]) -> torch.Tensor:
+    """Random images on the model's device, in the memory format of its weights (channels-last
+    models get channels-last inputs, as `runtime.prepare_model` arranges for real data)."""
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    weight = next(p for p in model.parameters() if p.dim() == 4)
+    channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    batch = torch.randn(batch_size, 3, height, width, device=weight.device)
+    return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+
+
+def time_inference(
+    model: nn.Module, batch_size: int, img_size: int | tuple[int, int], warmup: int = 2, repeats: int = 5
+) -> Timing:
+    """Forward passes in eval mode under `torch.inference_mode` (batch 1: latency; larger: throughput)."""
+    batch = random_batch(model, batch_size, img_size)
+    model.eval()
+    with torch.inference_mode():
+        return time_calls(lambda: model(batch), batch_size, warmup, repeats)
+
+
+def training_step(model: nn.Module, batch_size: int, img_size: int | tuple[int, int]) -> Callable[[], None]:
+    """One plain training step on a random batch: forward in train mode, cross-entropy, backward,
+    SGD-with-momentum update (momentum buffers are part of what training holds in memory)."""
+    batch = random_batch(model, batch_size, img_size)
+    labels = torch.zeros(batch_size, dtype=torch.long, device=batch.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(batch), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def max_rss_bytes() -> int:
+    """The peak resident memory of this process so far: what the OS had to provide, weights,
+    activations, oneDNN scratch space and allocator caches included. It never decreases."""
+    import resource  # Unix only; imported here so the rest of the module works on Windows
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+@dataclass
+class MemoryPeaks:
+    """Peak resident memory above the process's footprint before the model was built (bytes)."""
+
+    inference: int
+    training: int
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: CUDA's allocator peak on a GPU, the process's max RSS otherwise."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max_rss_bytes()
+
+
+def measure_peak_memory(
+    build_model: Callable[[], nn.Module],
+    batch_size: int,
+    img_size: int | tuple[int, int],
+    device: torch.device | None = None,
+    steps: int = 2,
+) -> tuple[nn.Module, MemoryPeaks]:
+    """Peak memory of inference and of training at `batch_size`, weights included.
+
+    Call it in a fresh process (`run_isolated`): max RSS only grows, so only the first model
+    measured in a process, inference before training, gets its own peaks. Two steps each, because
+    the first call also creates oneDNN primitives and the optimizer state. Returns the model for
+    further use in the same process.
+    """
+    device = device or torch.device("cpu")
+    baseline = peak_memory_bytes(device)
+    model = build_model()
+    model.eval()
+    batch = random_batch(model, batch_size, img_size)
+    with torch.inference_mode():
+        for _ in range(steps):
+            model(batch)
+    inference = peak_memory_bytes(device) - baseline
+    del batch
+    step = training_step(model, batch_size, img_size)
+    for _ in range(steps):
+        step()
+    model.zero_grad(set_to_none=True)
+    return model, MemoryPeaks(inference=inference, training=peak_memory_bytes(device) - baseline)
+
+
+def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` in a fresh Python process; its result (or exception) comes back pickled.
+
+    Per-model peak memory needs a new process each time (max RSS never goes down), and a new
+    process also keeps one model's allocator caches from colouring the next one's timings. A plain
+    subprocess rather than multiprocessing's spawn, which would re-import the caller's `__main__`
+    (and fail in scripts without an `if __name__ == "__main__"` guard). `fn` must be importable.
+    """
+    with tempfile.TemporaryDirectory(prefix="effnet-isolated-") as tmp:
+        job, result = Path(tmp) / "job.pkl", Path(tmp) / "result.pkl"
+        job.write_bytes(pickle.dumps((fn, args, kwargs)))
+        code = f"from effnet.profiling import _run_job; _run_job({str(job)!r}, {str(result)!r})"
+        completed = subprocess.run([sys.executable, "-c", code], check=False)
+        if not result.is_file():
+            raise RuntimeError(
+                f"the measuring process died while running {fn.__name__} (exit status {completed.returncode}; "
+                "killed for lack of memory? try a smaller batch size)"
+            )
+        ok, value = pickle.loads(result.read_bytes())
+    if not ok:
+        raise value
+    return value
+
+
+def _run_job(job: str, result: str) -> None:
+    """The child's side of `run_isolated`."""
+    fn, args, kwargs = pickle.loads(Path(job).read_bytes())
+    try:
+        outcome = (True, fn(*args, **kwargs))
+    except Exception as error:  # handed to the parent, which raises it
+        outcome = (False, error)
+    Path(result).write_bytes(pickle.dumps(outcome))
