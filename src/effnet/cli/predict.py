@@ -1,0 +1,73 @@
+"""`effnet predict` and `effnet export`: use a trained model outside training."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from effnet.inference import BACKENDS
+
+log = logging.getLogger("effnet")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predict", help="top-k labels for image files, folders or globs")
+    p.add_argument("model", help="run folder, checkpoint (.pt), exported .onnx file, or a model name (ImageNet)")
+    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--top-k", type=int, default=5, help="labels shown per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--img-size", type=int, help="input resolution (default: the model's own)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default auto)")
+    p.add_argument("--json", metavar="FILE", help="also write the predictions and failures as JSON")
+    p.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV")
+    p.set_defaults(func=cmd_predict)
+
+    p = subparsers.add_parser("export", help="export a model to ONNX or TorchScript, checked against PyTorch")
+    p.add_argument("model", help="run folder, checkpoint (.pt) or model name")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--output", help="output file (default: beside the checkpoint, or <model name>.<format>)")
+    p.add_argument("--img-size", type=int, help="resolution recorded in the metadata and traced (default: the model's)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from effnet.predict import collect_images, format_table, predict_files, write_csv, write_json
+    from effnet.trained import load_trained
+
+    paths, failures = collect_images(args.images)
+    trained = load_trained(args.model)
+    engine = trained.engine(args.backend, args.img_size)
+    predictions, unreadable = predict_files(trained, paths, engine, args.top_k, args.batch_size, args.img_size)
+    failures += unreadable
+    print(format_table(predictions))
+    for failure in failures:
+        print(f"effnet predict: cannot read {failure.path}: {failure.reason}", file=sys.stderr)
+    if args.json:
+        write_json(args.json, predictions, failures)
+    if args.csv:
+        write_csv(args.csv, predictions)
+    log.info("%d image(s) predicted with %s, %d failed", len(predictions), engine.name, len(failures))
+    return 1 if failures or not predictions else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from effnet.export import FORMATS, export_model
+    from effnet.trained import load_trained
+
+    trained = load_trained(args.model)
+    if trained.model is None:
+        raise ValueError(f"{args.model} is already an exported ONNX file; export a run folder or checkpoint")
+    source = Path(trained.source)
+    stem = (source / "best") if source.is_dir() else source.with_suffix("") if source.exists() else Path(source.name)
+    output = Path(args.output) if args.output else stem.with_name(stem.name + FORMATS[args.format])
+    path, sidecar, parity = export_model(
+        trained.model, output, args.format, trained.class_names, args.img_size, extra={"source": trained.source}
+    )
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {sidecar}")
+    print(
+        f"parity with PyTorch on {parity['batch']} images (dynamic batch): max abs diff {parity['max_abs_diff']:.2e}, "
+        f"top-1 agreement {100 * parity['top1_agreement']:.0f}%"
+    )
+    return 0 if parity["max_abs_diff"] <= 1e-4 else 1
