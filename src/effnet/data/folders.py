@@ -1,0 +1,368 @@
+"""Image folders and archives of them.
+
+Accepted layouts (class names are folder names, labels follow their sorted order):
+
+    DIR/train/<class>/*   with optional DIR/val/<class>/* (or valid/, validation/) and DIR/test/<class>/*
+    DIR/<class>/*         one pool, split here into train / val / test (stratified, seeded)
+
+A folder holding nothing but one sub-folder is descended into (an archive's `cifar10/` top folder).
+A `.tar`, `.tar.gz`/`.tgz` or `.zip` of such a tree is extracted once, safely, into
+`data_dir/extracted/<name>-<key>/` (the key hashes the archive's name, size and mtime) and reused.
+
+Decoding: a folder whose images fit in `max_memory_bytes` as uint8 RGB (1 GiB by default: CIFAR-10's
+60,000 32x32 images take 184 MB) is decoded once into memory, and the decoded arrays are cached in
+`data_dir/decoded/` keyed by every file's path, size and mtime, so the next run loads them in well
+under a second. Larger folders are validated up front (every file decoded at reduced JPEG scale) and
+decoded lazily in loader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from effnet.data.images import BadImageError, check_image, is_image_file, read_rgb
+from effnet.data.splits import DataSplits, ImageSplit, check_policy, hwc_to_chw, stratified_split
+
+logger = logging.getLogger("effnet")
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+VAL_FOLDER_NAMES = ("val", "valid", "validation")
+MAX_MEMORY_BYTES = 1 << 30
+LAYOUT_HELP = (
+    "expected DIR/<class>/<image> (split into train/val/test here) or "
+    "DIR/train/<class>/<image> with optional DIR/val/<class>/... and DIR/test/<class>/..."
+)
+
+
+def is_archive(path: str | Path) -> bool:
+    return Path(path).name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _cache_key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- archives
+
+
+def extract_archive(archive: str | Path, data_dir: str | Path) -> Path:
+    """Extract `archive` once under `data_dir/extracted/` and return the folder; reuse it next time.
+
+    Extraction goes to a temporary folder renamed into place at the end, so an interrupted
+    extraction is never mistaken for a complete one. Members that would land outside the folder
+    (absolute paths, `..`, links pointing out) are refused.
+    """
+    archive = Path(archive)
+    stat = archive.stat()
+    name = archive.name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    target = Path(data_dir) / "extracted" / f"{name}-{_cache_key(archive.name, stat.st_size, stat.st_mtime_ns)}"
+    if target.is_dir():
+        logger.info("using %s, extracted earlier from %s", target, archive)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    started = time.perf_counter()
+    try:
+        if archive.name.lower().endswith(".zip"):
+            _extract_zip(archive, staging)
+        else:
+            try:
+                with tarfile.open(archive) as tar:
+                    tar.extractall(staging, filter="data")
+            except tarfile.FilterError as error:
+                raise ValueError(f"{archive}: unsafe archive member refused ({error})") from None
+        os.replace(staging, target)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"{archive}: cannot extract ({type(error).__name__}: {error})") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info("extracted %s to %s in %.1f s", archive, target, time.perf_counter() - started)
+    return target
+
+
+def _extract_zip(archive: Path, destination: Path) -> None:
+    root = destination.resolve()
+    with zipfile.ZipFile(archive) as zipped:
+        for member in zipped.infolist():
+            path = (root / member.filename).resolve()
+            if member.filename.startswith(("/", "\\")) or not path.is_relative_to(root):
+                raise ValueError(f"{archive}: unsafe archive member {member.filename!r} would be written outside")
+        zipped.extractall(root)
+
+
+# ----------------------------------------------------------------------------------------------- layout
+
+
+@dataclass
+class FolderSplit:
+    """The image files of one split folder: `files[i]` has label `labels[i]`."""
+
+    files: list[str]
+    labels: list[int]
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    entries = _visible(folder)
+    classes = [p for p in entries if p.is_dir()]
+    loose = [p for p in entries if p.is_file() and is_image_file(p)]
+    if loose:
+        raise ValueError(
+            f"{folder} has {len(loose)} images at its top level (e.g. {loose[0].name}) instead of one sub-folder "
+            f"per class; {LAYOUT_HELP}"
+        )
+    if not classes:
+        raise ValueError(f"{folder} has no class folders; {LAYOUT_HELP}")
+    return classes
+
+
+def _image_files(folder: Path) -> tuple[list[str], list[str]]:
+    """Image files below `folder` (recursively, sorted) and the other files that were ignored."""
+    images, ignored = [], []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = os.path.join(parent, name)
+            (images if is_image_file(name) else ignored).append(path)
+    return images, ignored
+
+
+def _scan_split(folder: Path, class_names: list[str] | None) -> tuple[FolderSplit, list[str], list[str]]:
+    """Files of one split folder. With `class_names` (val/test), classes must be a subset of them and
+    empty class folders count as missing classes; in the training folder they are an error."""
+    found = {p.name: p for p in _class_folders(folder)}
+    is_train = class_names is None
+    if is_train:
+        class_names = sorted(found)
+    else:
+        unknown = sorted(set(found) - set(class_names))
+        if unknown:
+            raise ValueError(f"{folder} has classes that are not in the training folder: {', '.join(unknown)}")
+    split, ignored, empty = FolderSplit([], []), [], []
+    for label, name in enumerate(class_names):
+        if name not in found:
+            continue
+        images, others = _image_files(found[name])
+        ignored += others
+        if not images:
+            empty.append(name)
+        split.files += images
+        split.labels += [label] * len(images)
+    if empty and is_train:
+        raise ValueError(f"class folders without images in {folder}: {', '.join(empty)}; remove them or add images")
+    return split, list(class_names), ignored
+
+
+def find_layout(root: Path) -> tuple[Path, dict[str, Path]]:
+    """The data root (after descending single sub-folders) and its split folders by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {root}")
+    while True:
+        entries = _visible(root)
+        if len(entries) == 1 and entries[0].is_dir() and entries[0].name not in ("train", *VAL_FOLDER_NAMES, "test"):
+            root = entries[0]
+        else:
+            break
+    if not (root / "train").is_dir():
+        return root, {}
+    folders = {"train": root / "train"}
+    for name in VAL_FOLDER_NAMES:
+        if (root / name).is_dir():
+            folders["val"] = root / name
+            break
+    if (root / "test").is_dir():
+        folders["test"] = root / "test"
+    return root, folders
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def _decode_all(files: list[str], max_bytes: int) -> tuple[list[np.ndarray] | None, dict[str, str]]:
+    """Decode every file in order; give up (None) as soon as the decoded total exceeds `max_bytes`."""
+    arrays: list[np.ndarray] = []
+    bad: dict[str, str] = {}
+    total = 0
+    for path in files:
+        try:
+            array = read_rgb(path)
+        except BadImageError as error:
+            bad[path] = error.reason
+            continue
+        total += array.nbytes
+        if total > max_bytes:
+            return None, {}
+        arrays.append(array)
+    return arrays, bad
+
+
+def _decode_cached(files: list[str], cache_dir: Path, max_bytes: int) -> tuple[list[np.ndarray] | None, dict]:
+    """`_decode_all`, with the result stored in `cache_dir` keyed by every file's path, size and mtime."""
+    stats = [os.stat(path) for path in files]
+    key = _cache_key(files, [(s.st_size, s.st_mtime_ns) for s in stats])
+    cache = cache_dir / f"{key}.npz"
+    if cache.is_file():
+        with np.load(cache) as stored:
+            pixels, shapes = stored["pixels"], stored["shapes"]
+            bad = json.loads(str(stored["bad"]))
+        offsets = np.concatenate([[0], np.cumsum(shapes.prod(axis=1))])
+        arrays = [pixels[a:b].reshape(shape) for a, b, shape in zip(offsets[:-1], offsets[1:], shapes, strict=True)]
+        return arrays, bad
+    arrays, bad = _decode_all(files, max_bytes)
+    if arrays is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=cache_dir)
+        with os.fdopen(fd, "wb") as handle:
+            pixels = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.uint8)
+            np.savez(
+                handle, pixels=pixels, shapes=np.array([a.shape for a in arrays]).reshape(-1, 3), bad=json.dumps(bad)
+            )
+        os.replace(tmp, cache)
+    return arrays, bad
+
+
+def _stack(arrays: list[np.ndarray]) -> torch.Tensor | list[torch.Tensor]:
+    """One N x 3 x H x W tensor when all images share a size (fast batching), else a list."""
+    if arrays and all(a.shape == arrays[0].shape for a in arrays):
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return [hwc_to_chw(a) for a in arrays]
+
+
+def _validate_lazily(files: list[str]) -> tuple[list[tuple[int, int]], dict[str, str]]:
+    """Sizes of the good files and reasons for the bad ones; JPEGs decoded at reduced scale."""
+    sizes, bad = [], {}
+    for path in files:
+        try:
+            sizes.append(check_image(path))
+        except BadImageError as error:
+            bad[path] = error.reason
+    return sizes, bad
+
+
+def _build_split(
+    folder_split: FolderSplit, cache_dir: Path, max_bytes: int, on_bad_image: str
+) -> tuple[ImageSplit, dict[str, str]]:
+    files = folder_split.files
+    started = time.perf_counter()
+    arrays, bad = _decode_cached(files, cache_dir, max_bytes)
+    keep = [i for i, path in enumerate(files) if path not in bad]
+    targets = [folder_split.labels[i] for i in keep]
+    paths = [files[i] for i in keep]
+    if arrays is not None:
+        split = ImageSplit(targets, images=_stack(arrays), paths=paths, on_bad_image=on_bad_image)
+        logger.info("decoded %d images into memory in %.1f s", len(files), time.perf_counter() - started)
+        return split, bad
+    sizes, bad = _validate_lazily(files)
+    keep = [i for i, path in enumerate(files) if path not in bad]
+    logger.info(
+        "%d images are too large to hold in memory (> %d MB decoded); validated them in %.1f s, "
+        "they are decoded in loader workers",
+        len(files),
+        max_bytes >> 20,
+        time.perf_counter() - started,
+    )
+    split = ImageSplit(
+        [folder_split.labels[i] for i in keep], paths=[files[i] for i in keep], sizes=sizes, on_bad_image=on_bad_image
+    )
+    return split, bad
+
+
+def report_bad_images(bad: list[tuple[str, str]], on_bad_image: str, source: str) -> None:
+    """Fail with all bad files listed, or log them once when skipping."""
+    if not bad:
+        return
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+    if on_bad_image == "fail":
+        raise ValueError(
+            f"{len(bad)} unusable image file(s) in {source}:\n{listing}\n"
+            "Fix or remove them, or pass on_bad_image='skip' (--on-bad-image skip) to leave them out."
+        )
+    logger.warning("skipping %d unusable image file(s) in %s:\n%s", len(bad), source, listing)
+
+
+def load_image_folder(
+    path: str | Path,
+    data_dir: str | Path = "data",
+    val_split: float = 0.1,
+    seed: int = 0,
+    on_bad_image: str = "fail",
+    max_memory_bytes: int = MAX_MEMORY_BYTES,
+) -> DataSplits:
+    """Load an image folder or an archive of one (layouts in the module docstring).
+
+    A single pool `DIR/<class>/*` is split, per class, into train / val / test with `val_split` of the
+    images in val and another `val_split` in test (80/10/10 by default); with `DIR/train` and `DIR/test`
+    but no val folder, val is carved from train. Classes missing from val or test are logged as a
+    warning; a class in val or test that has no training folder is an error.
+    """
+    check_policy(on_bad_image)
+    source = str(path)
+    if is_archive(path):
+        path = extract_archive(path, data_dir)
+    root, folders = find_layout(Path(path).resolve())
+    if not folders:
+        folders = {"pool": root}
+    first, *others = folders
+    scanned: dict[str, FolderSplit] = {}
+    scanned[first], class_names, ignored = _scan_split(folders[first], None)
+    if len(class_names) < 2:
+        raise ValueError(f"{folders[first]} has only one class folder ({class_names[0]}); a classifier needs two")
+    for name in others:
+        scanned[name], _, more = _scan_split(folders[name], class_names)
+        ignored += more
+        missing = sorted(set(class_names) - {class_names[i] for i in scanned[name].labels})
+        if missing:
+            logger.warning("classes missing from %s (not evaluated there): %s", folders[name], ", ".join(missing))
+    if ignored:
+        logger.info("ignored %d files that are not images by extension (e.g. %s)", len(ignored), ignored[0])
+
+    cache_dir = Path(data_dir) / "decoded"
+    splits: dict[str, ImageSplit] = {}
+    bad: dict[str, str] = {}
+    for name, folder_split in scanned.items():
+        splits[name], split_bad = _build_split(folder_split, cache_dir, max_memory_bytes, on_bad_image)
+        bad.update(split_bad)
+    bad_list = sorted(bad.items())
+    report_bad_images(bad_list, on_bad_image, source)
+
+    if "pool" in splits:
+        train, val, test = carve(splits.pop("pool"), [val_split, val_split], seed)
+    else:
+        train, val, test = splits["train"], splits.get("val"), splits.get("test")
+        if val is None:
+            train, val = carve(train, [val_split], seed)
+    empty = [class_names[c] for c in range(len(class_names)) if c not in set(train.targets)]
+    if empty:
+        raise ValueError(f"no usable training images left for classes: {', '.join(empty)}")
+    return DataSplits(train, val, test, class_names, source=source, bad_images=bad_list)
+
+
+def carve(split: ImageSplit, fractions: list[float], seed: int) -> list[ImageSplit | None]:
+    """[rest, part for fractions[0], ...], stratified and seeded; a 0 fraction gives None."""
+    parts = stratified_split(split.targets, fractions, seed)
+    result: list[ImageSplit | None] = [split.subset(parts[0])]
+    for fraction, indices in zip(fractions, parts[1:], strict=True):
+        result.append(split.subset(indices) if fraction > 0 else None)
+    return result
