@@ -223,7 +223,7 @@ def _decode_cached(files: list[str], cache_dir: Path, max_bytes: int) -> tuple[l
     stats = [os.stat(path) for path in files]
     key = _cache_key(files, [(s.st_size, s.st_mtime_ns) for s in stats])
     cache = cache_dir / f"{key}.npz"
-    if cache.is_file():
+    if cache.is_file() and cache.stat().st_size <= max_bytes + (1 << 20):
         with np.load(cache) as stored:
             pixels, shapes = stored["pixels"], stored["shapes"]
             bad = json.loads(str(stored["bad"]))
