@@ -167,13 +167,53 @@ def training_step(model: nn.Module, batch_size: int, img_size: int | tuple[int, 
     return step
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (Linux), in bytes; None elsewhere."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def max_rss_bytes() -> int:
-    """The peak resident memory of this process so far: what the OS had to provide, weights,
-    activations, oneDNN scratch space and allocator caches included. It never decreases."""
+    """The peak resident memory of this process (what the OS had to provide: weights, activations,
+    oneDNN scratch space, allocator caches). Linux's VmHWM, which `reset_peak_memory` can reset;
+    elsewhere getrusage's max RSS, which never decreases."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource  # Unix only; imported here so the rest of the module works on Windows
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: CUDA's allocator peak on a GPU, the process's peak RSS otherwise."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max_rss_bytes()
+
+
+def reset_peak_memory(device: torch.device) -> int:
+    """Start a peak-memory measurement; returns the baseline to subtract from `peak_memory_bytes`.
+
+    Where the peak can be reset (CUDA; Linux through /proc/self/clear_refs) the baseline is the
+    current footprint, so even a model smaller than `import torch`'s transient peak is measured;
+    elsewhere it is the peak so far, and only the first measurement in a fresh process is right.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        current = _proc_status_bytes("VmRSS")
+    except OSError:
+        current = None
+    return current if current is not None else max_rss_bytes()
 
 
 @dataclass
@@ -182,11 +222,6 @@ class MemoryPeaks:
 
     inference: int
     training: int
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory so far: CUDA's allocator peak on a GPU, the process's max RSS otherwise."""
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max_rss_bytes()
 
 
 def measure_peak_memory(
@@ -198,19 +233,19 @@ def measure_peak_memory(
 ) -> tuple[nn.Module, MemoryPeaks]:
     """Peak memory of inference and of training at `batch_size`, weights included.
 
-    Call it in a fresh process (`run_isolated`): max RSS only grows, so only the first model
-    measured in a process, inference before training, gets its own peaks. Two steps each, because
-    the first call also creates oneDNN primitives and the optimizer state. Returns the model for
-    further use in the same process.
+    Call it in a fresh process (`run_isolated`): memory freed by an earlier model stays in the
+    allocator's caches and would be reused unseen, and without a resettable peak (not Linux, not
+    CUDA) the peak only grows. Inference is measured before training for the same reason. Two
+    training steps, because optimizer state (momentum) appears only after the first. Returns the
+    model for further use in the same process.
     """
     device = device or torch.device("cpu")
-    baseline = peak_memory_bytes(device)
+    baseline = reset_peak_memory(device)
     model = build_model()
     model.eval()
     batch = random_batch(model, batch_size, img_size)
     with torch.inference_mode():
-        for _ in range(steps):
-            model(batch)
+        model(batch)
     inference = peak_memory_bytes(device) - baseline
     del batch
     step = training_step(model, batch_size, img_size)
@@ -223,8 +258,9 @@ def measure_peak_memory(
 def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)` in a fresh Python process; its result (or exception) comes back pickled.
 
-    Per-model peak memory needs a new process each time (max RSS never goes down), and a new
-    process also keeps one model's allocator caches from colouring the next one's timings. A plain
+    Per-model peak memory needs a new process each time (memory an earlier model freed stays in
+    the allocator's caches and is reused unseen; without /proc the peak never goes down), and a
+    new process keeps one model's caches and thread pools from colouring the next one's timings. A plain
     subprocess rather than multiprocessing's spawn, which would re-import the caller's `__main__`
     (and fail in scripts without an `if __name__ == "__main__"` guard). `fn` must be importable.
     """

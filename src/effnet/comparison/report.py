@@ -111,9 +111,13 @@ def _scatter_plot(
     line = sorted(((r, v) for r, v in points if r.is_efficientnet), key=lambda p: p[1])
     if line:
         ax.plot([v for _, v in line], [r.top1 for r, _ in line], "-o", color="tab:red", label="EfficientNet", zorder=3)
-    others = [(r, v) for r, v in points if not r.is_efficientnet]
-    if others:
-        ax.scatter([v for _, v in others], [r.top1 for r, _ in others], color="tab:blue", label="others", zorder=2)
+    for family, color, label in (
+        ("efficientnet-lite", "tab:orange", "EfficientNet-Lite"),
+        ("torchvision", "tab:blue", "torchvision"),
+    ):
+        group = [(r, v) for r, v in points if r.family == family]
+        if group:
+            ax.scatter([v for _, v in group], [r.top1 for r, _ in group], color=color, label=label, zorder=2)
     for row, value in points:
         ax.annotate(_short(row.name), (value, row.top1), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
