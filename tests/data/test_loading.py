@@ -30,10 +30,11 @@ def split() -> ImageSplit:
     return ImageSplit([i % 3 for i in range(24)], images=images)
 
 
+@pytest.mark.parametrize("source_hw", [(40, 48), (8, 8)], ids=["regular", "tiny"])
 @pytest.mark.parametrize("augment", ["none", "light", "randaugment", "autoaugment", "trivialaugment"])
-def test_train_transform_shape_dtype(split, augment):
+def test_train_transform_shape_dtype(augment, source_hw):
     transform = build_transforms(PREPROCESS, train=True, augment=augment)
-    out = transform(split[0][0])
+    out = transform(torch.randint(0, 256, (3, *source_hw), dtype=torch.uint8))
     assert out.shape == (3, 64, 64) and out.dtype == torch.float32
 
 

@@ -18,6 +18,8 @@ Train presets, each starting with a random resized crop to the output size and a
   the usual 4-pixel-padding crop of CIFAR), since a 8%-area crop of a 32x32 image is a 9x9 blur.
 * `randaugment`, `autoaugment` (ImageNet policy), `trivialaugment`: the crop and flip, then the policy
   on the uint8 image (its rotations and shears interpolate bilinearly: tensors support no bicubic there).
+  Tiny sources get the flip and the policy *before* the crop upsamples them: at 32x32 the policies
+  work on 49x fewer pixels than at 224 (and that is the resolution they were designed for on CIFAR).
 """
 
 from __future__ import annotations
@@ -54,19 +56,39 @@ class ResizeCenterCrop:
         return f"ResizeCenterCrop(size={self.size}, crop_pct={self.crop_pct}, {self.interpolation.value})"
 
 
-class RandomResizedCropBySource:
-    """RandomResizedCrop whose area range depends on whether the source is tiny (see module docstring)."""
+class BySourceSize:
+    """Apply `tiny` to tiny sources (see `is_tiny`) and `regular` to the others."""
 
-    def __init__(self, size: int, interpolation: v2.InterpolationMode):
-        self.size = size
-        self.regular = v2.RandomResizedCrop(size, scale=CROP_SCALE, interpolation=interpolation, antialias=True)
-        self.tiny = v2.RandomResizedCrop(size, scale=TINY_CROP_SCALE, interpolation=interpolation, antialias=True)
+    def __init__(self, size: int, tiny: Callable, regular: Callable):
+        self.size, self.tiny, self.regular = size, tiny, regular
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return (self.tiny if is_tiny(image, self.size) else self.regular)(image)
 
     def __repr__(self) -> str:
-        return f"RandomResizedCropBySource(size={self.size}, scale={CROP_SCALE}, tiny_scale={TINY_CROP_SCALE})"
+        return f"BySourceSize(size={self.size},\n  tiny={self.tiny},\n  regular={self.regular})"
+
+
+def _augmentation(size: int, augment: str, interpolation: v2.InterpolationMode) -> BySourceSize:
+    # Rotations and shears on tensors support nearest and bilinear only.
+    bilinear = v2.InterpolationMode.BILINEAR
+    policies = {
+        "light": [],
+        "randaugment": [v2.RandAugment(interpolation=bilinear)],
+        "autoaugment": [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=bilinear)],
+        "trivialaugment": [v2.TrivialAugmentWide(interpolation=bilinear)],
+    }
+    policy = policies[augment]
+
+    def crop(scale: tuple[float, float]) -> v2.RandomResizedCrop:
+        return v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True)
+
+    return BySourceSize(
+        size,
+        # Tiny sources are flipped and augmented before upsampling: far fewer pixels to process.
+        tiny=v2.Compose([v2.RandomHorizontalFlip(), *policy, crop(TINY_CROP_SCALE)]),
+        regular=v2.Compose([crop(CROP_SCALE), v2.RandomHorizontalFlip(), *policy]),
+    )
 
 
 def _output_size(preprocess: Mapping[str, Any], img_size: int | None) -> int:
@@ -85,21 +107,12 @@ def build_transforms(
     size = _output_size(preprocess, img_size)
     interpolation = v2.InterpolationMode(preprocess.get("interpolation", "bilinear"))
     if not train or augment == "none":
-        steps: list[Callable] = [ResizeCenterCrop(size, float(preprocess.get("crop_pct", 1.0)), interpolation)]
+        resize_or_augment: Callable = ResizeCenterCrop(size, float(preprocess.get("crop_pct", 1.0)), interpolation)
     else:
-        steps = [RandomResizedCropBySource(size, interpolation), v2.RandomHorizontalFlip()]
-        # Rotations and shears on tensors support nearest and bilinear only.
-        bilinear = v2.InterpolationMode.BILINEAR
-        policies = {
-            "randaugment": lambda: v2.RandAugment(interpolation=bilinear),
-            "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=bilinear),
-            "trivialaugment": lambda: v2.TrivialAugmentWide(interpolation=bilinear),
-        }
-        if augment in policies:
-            steps.append(policies[augment]())
+        resize_or_augment = _augmentation(size, augment, interpolation)
     return v2.Compose(
         [
-            *steps,
+            resize_or_augment,
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(preprocess["mean"]), std=list(preprocess["std"])),
         ]
