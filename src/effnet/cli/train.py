@@ -1,0 +1,117 @@
+"""`effnet train`: fine-tune an EfficientNet; a thin layer over `effnet.training.fit`.
+
+Every option maps to a TrainConfig field of the same name. Options default to "not given"
+(argparse.SUPPRESS) so that `--resume` keeps the run's saved settings and changes only those typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from effnet.training.config import BN_FREEZE, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+
+DEFAULTS = TrainConfig()
+NO_DATA_HELP = """effnet train: say what to train on with --data, for example:
+  effnet train --data digits --model efficientnet_lite0 --pretrained    (offline, a few minutes on a CPU)
+  effnet train --data cifar10 --model efficientnet_lite0 --pretrained --max-minutes 45
+  effnet train --data path/to/folder --model efficientnet_b0 --pretrained
+--data takes digits (scikit-learn's 8x8 digits, bundled), cifar10, cifar100, flowers102, a folder of
+images (FOLDER/train/<class>/*, optional FOLDER/val and FOLDER/test, or FOLDER/<class>/* split by
+--val-split), or a .tar/.tar.gz/.zip of such a folder. `effnet train --help` lists every option."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune an EfficientNet on digits, CIFAR, flowers or an image folder",
+        description="Fine-tune an EfficientNet; writes a run folder (config.yaml, metrics.csv, best.pt, "
+        "last.pt, state.pt, results.json, train.log, report.html).",
+        argument_default=argparse.SUPPRESS,
+    )
+    d = DEFAULTS
+    group = p.add_argument_group("what to train")
+    group.add_argument("--data", help="digits | cifar10 | cifar100 | flowers102 | FOLDER | ARCHIVE")
+    group.add_argument("--model", help=f"a name from `effnet models` (default {d.model})")
+    group.add_argument("--pretrained", action="store_true", help="start from ImageNet weights")
+    group.add_argument("--data-dir", help=f"where data sets are downloaded or unpacked (default {d.data_dir})")
+    group.add_argument("--val-split", type=float, help=f"validation fraction without a val folder ({d.val_split})")
+    group.add_argument("--on-bad-image", choices=("fail", "skip"), help="unreadable images (default: fail, list all)")
+    group.add_argument("--img-size", type=int, help="input resolution (default: the model's own, 224 for B0/Lite0)")
+    group.add_argument("--drop-rate", type=float, help="dropout before the classifier (default: the model's)")
+    group.add_argument("--drop-path-rate", type=float, help="stochastic depth rate (default: the model's)")
+
+    group = p.add_argument_group("how long")
+    group.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    group.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
+    group.add_argument("--max-minutes", type=float, help="stop cleanly (checkpoint, test) at this wall-clock budget")
+    group.add_argument("--patience", type=int, help="early stopping after N epochs without better val accuracy")
+
+    group = p.add_argument_group("fine-tuning")
+    group.add_argument("--finetune", help=f"head | last:N | full | gradual (default {d.finetune})")
+    group.add_argument("--gradual-head-epochs", type=int, help=f"gradual: head-only epochs ({d.gradual_head_epochs})")
+    group.add_argument("--layer-decay", type=float, help="LR factor per stage towards the input, e.g. 0.7")
+    group.add_argument("--bn-freeze", choices=BN_FREEZE, help="BN statistics: auto = frozen in frozen layers")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")
+    group.add_argument("--lr", type=float, help="base learning rate (default: per optimizer, scaled by batch/64)")
+    group.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay} (never on BN and bias)")
+    group.add_argument("--momentum", type=float, help=f"sgd/rmsprop momentum (default {d.momentum})")
+    group.add_argument("--schedule", choices=SCHEDULES, help=f"default {d.schedule}, per step, after warmup")
+    group.add_argument("--warmup-steps", type=int, help=f"linear warmup steps (default {d.warmup_steps})")
+    group.add_argument("--min-lr", type=float, help=f"floor of the schedule (default {d.min_lr})")
+    group.add_argument("--plateau-factor", type=float, help=f"plateau: LR factor (default {d.plateau_factor})")
+    group.add_argument("--plateau-patience", type=int, help=f"plateau: epochs (default {d.plateau_patience})")
+    group.add_argument("--step-epochs", type=int, help=f"step: decay every N epochs (default {d.step_epochs})")
+    group.add_argument("--step-gamma", type=float, help=f"step: LR factor (default {d.step_gamma})")
+    group.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
+    group.add_argument("--ema", action="store_true", help="keep an EMA of the weights and evaluate with it")
+    group.add_argument("--ema-decay", type=float, help=f"default {d.ema_decay}")
+    group.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
+    group.add_argument("--accum-steps", type=int, help="accumulate gradients over N batches per step")
+
+    group = p.add_argument_group("data pipeline")
+    group.add_argument(
+        "--augment",
+        choices=("none", "light", "randaugment", "autoaugment", "trivialaugment"),
+        help=f"default {d.augment}",
+    )
+    group.add_argument("--mixup", type=float, help="MixUp alpha (0 = off)")
+    group.add_argument("--cutmix", type=float, help="CutMix alpha (0 = off)")
+    group.add_argument("--workers", type=_workers, help="data loader processes (default auto)")
+
+    group = p.add_argument_group("speed and device")
+    group.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    group.add_argument("--precision", choices=PRECISIONS, help=f"autocast dtype (default {d.precision})")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="memory format (default on)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms only")
+
+    group = p.add_argument_group("run folder")
+    group.add_argument("--output", help="the run folder (default runs/<model>-<data>-<timestamp>)")
+    group.add_argument("--resume", help="continue the run in this folder exactly where it stopped")
+    group.add_argument("--seed", type=int, help=f"default {d.seed}")
+    group.add_argument("--checkpoint-every", type=int, help="also save the resume state every N steps")
+    group.add_argument("--quiet", dest="no_progress", action="store_true", help="no progress bars (for log files)")
+    group.add_argument("--tensorboard", action="store_true", help="TensorBoard logs in RUN/tensorboard")
+    p.set_defaults(func=cmd_train)
+
+
+def _workers(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from effnet.training import fit  # imported here so `effnet --help` stays fast
+
+    # `quiet` is effnet's global -q (log level); train's own --quiet only hides progress bars.
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume", "quiet")}
+    if options.pop("no_progress", False):
+        options["quiet"] = True
+    resume = getattr(args, "resume", None)
+    if not options.get("data") and not resume:
+        print(NO_DATA_HELP)
+        return 2
+    model, data = options.pop("model", None), options.pop("data", None)
+    result = fit(model, data, resume=resume, **options)
+    if result.results["test_acc"] is not None:
+        print(f"test accuracy: {result.results['test_acc']:.2%}  (run folder: {result.run_dir})")
+    return 0

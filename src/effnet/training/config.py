@@ -1,0 +1,143 @@
+"""`TrainConfig`: every setting of a training run in one dataclass, saved as `config.yaml` in the
+run folder so that a run can be read, repeated and resumed from its folder alone."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FINETUNE_MODES = ("head", "full", "gradual")  # plus "last:N"
+OPTIMIZERS = ("sgd", "rmsprop", "adamw")
+SCHEDULES = ("cosine", "plateau", "step")
+BN_FREEZE = ("auto", "on", "off")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one fine-tuning run. The defaults are the recipe measured in README "Training"."""
+
+    # What to train on what.
+    model: str = "efficientnet_lite0"
+    data: str = ""
+    pretrained: bool = False
+    data_dir: str = "data"
+    val_split: float = 0.1
+    on_bad_image: str = "fail"
+    img_size: int | None = None  # None: the model's own resolution (224 for B0 and Lite0)
+    drop_rate: float | None = None  # None: the variant's dropout
+    drop_path_rate: float | None = None
+
+    # How long.
+    epochs: int = 3
+    batch_size: int = 32
+    max_minutes: float | None = None  # stop cleanly (checkpoint, test) at this wall-clock budget
+    patience: int | None = None  # early stopping: epochs without a better validation accuracy
+
+    # What is trained.
+    finetune: str = "full"  # head | last:N | full | gradual
+    gradual_head_epochs: int = 1  # "gradual": epochs of head-only training before unfreezing all
+    layer_decay: float | None = None  # LR multiplier per stage going down from the head (e.g. 0.7)
+    bn_freeze: str = "auto"  # auto: BN statistics frozen in frozen layers; on/off force it everywhere
+
+    # Optimisation.
+    optimizer: str = "sgd"
+    lr: float | None = None  # None: the optimizer's default scaled by batch_size / 64 (see default_lr)
+    weight_decay: float = 5e-5
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    min_lr: float = 0.0
+    plateau_factor: float = 0.2
+    plateau_patience: int = 1
+    step_epochs: int = 1  # "step": multiply the LR by step_gamma every step_epochs epochs
+    step_gamma: float = 0.5
+    label_smoothing: float = 0.1
+    ema: bool = False
+    ema_decay: float = 0.998
+    clip_grad: float | None = None
+    accum_steps: int = 1
+
+    # Data pipeline.
+    augment: str = "light"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    workers: int | str = "auto"
+
+    # Where and how fast.
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+
+    # Bookkeeping.
+    seed: int = 0
+    output: str | None = None  # the run folder; None: runs/<model>-<data>-<timestamp>
+    checkpoint_every: int = 0  # also save the resume state every N optimizer steps (0: only per epoch)
+    quiet: bool = False
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject bad settings before any work is done, naming the valid choices."""
+        checks = {
+            "optimizer": OPTIMIZERS,
+            "schedule": SCHEDULES,
+            "bn_freeze": BN_FREEZE,
+            "precision": PRECISIONS,
+            "on_bad_image": ("fail", "skip"),
+        }
+        for name, choices in checks.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+        parse_finetune(self.finetune)
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "accum_steps": self.accum_steps}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def replace(self, **overrides: Any) -> TrainConfig:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown training options {sorted(unknown)}; see effnet.TrainConfig for the valid ones")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls().replace(**data)
+
+
+def parse_finetune(mode: str) -> tuple[str, int]:
+    """'last:3' -> ('last', 3); 'full' -> ('full', 0). Raises a ValueError naming the valid forms."""
+    if mode.startswith("last:"):
+        count = mode.partition(":")[2]
+        if count.isdigit() and int(count) >= 1:
+            return "last", int(count)
+    elif mode in FINETUNE_MODES:
+        return mode, 0
+    raise ValueError(f"finetune={mode!r}: expected head, last:N (N >= 1 stages), full or gradual")
+
+
+def default_lr(optimizer: str, batch_size: int) -> float:
+    """Base learning rates for fine-tuning from ImageNet weights at batch 64, scaled linearly
+    with the effective batch size (Goyal et al. 2017)."""
+    base = {"sgd": 0.05, "rmsprop": 0.005, "adamw": 1e-3}[optimizer]
+    return base * batch_size / 64

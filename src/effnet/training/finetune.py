@@ -1,0 +1,86 @@
+"""What is trained and how fast: freezing by stage, frozen BatchNorm, parameter groups (no weight
+decay on BN and bias, layer-wise learning rates) and the optimizers.
+
+The network is seen as an ordered list of parts from input to output: stem, the seven stages, the
+1x1 head convolution and the classifier. Every fine-tuning mode is "train the parts from index k
+on": head = the classifier only (a linear probe on pooled features), last:N = the last N stages
+plus head and classifier, full = everything, gradual = head first, then everything.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from effnet.models.efficientnet import EfficientNet
+from effnet.training.config import TrainConfig, parse_finetune
+
+# "gradual" without --layer-decay: earlier stages learn more slowly (fastai's discriminative LRs).
+GRADUAL_LAYER_DECAY = 0.75
+
+
+def model_parts(model: EfficientNet) -> list[nn.Module]:
+    """stem, stages 1-7, head conv, classifier: every parameter of the model is in exactly one."""
+    return [model.stem, *model.stages, model.head, model.classifier]
+
+
+def first_trainable_part(model: EfficientNet, config: TrainConfig, epoch: int) -> int:
+    """Index in `model_parts` of the first part trained during `epoch` (0 = everything)."""
+    mode, count = parse_finetune(config.finetune)
+    classifier_only = len(model_parts(model)) - 1
+    if mode == "head" or (mode == "gradual" and epoch < config.gradual_head_epochs):
+        return classifier_only
+    if mode == "last":
+        return max(0, classifier_only - 1 - count)
+    return 0
+
+
+def freeze(model: EfficientNet, first_trainable: int) -> None:
+    """requires_grad off for the parts before `first_trainable`, on from it."""
+    for index, part in enumerate(model_parts(model)):
+        part.requires_grad_(index >= first_trainable)
+
+
+def set_train_mode(model: EfficientNet, first_trainable: int, bn_freeze: str) -> None:
+    """`model.train()`, then put back in eval mode what must not change: frozen parts (their BN
+    running statistics stay those of the pretrained weights, and stochastic depth is off in a fixed
+    feature extractor) with bn_freeze 'auto'; every BatchNorm with 'on'; nothing with 'off'."""
+    model.train()
+    if bn_freeze == "off":
+        return
+    for index, part in enumerate(model_parts(model)):
+        if index < first_trainable:
+            part.eval()
+        elif bn_freeze == "on":
+            for module in part.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+
+def param_groups(model: EfficientNet, config: TrainConfig) -> list[dict]:
+    """Parameter groups keyed by (LR scale, weight decay). BN and bias parameters (1-D) get no
+    weight decay: decaying BN scales only fights normalisation. With layer decay d, part i of n
+    learns at d**(n-1-i) times the base LR. Frozen parameters are included so that 'gradual' can
+    unfreeze them later; optimizers skip parameters whose grad is None."""
+    layer_decay = config.layer_decay
+    if layer_decay is None and parse_finetune(config.finetune)[0] == "gradual":
+        layer_decay = GRADUAL_LAYER_DECAY
+    parts = model_parts(model)
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for index, part in enumerate(parts):
+        scale = layer_decay ** (len(parts) - 1 - index) if layer_decay else 1.0
+        for param in part.parameters():
+            decay = 0.0 if param.ndim <= 1 else config.weight_decay
+            groups.setdefault((scale, decay), []).append(param)
+    return [{"params": params, "lr_scale": scale, "weight_decay": decay} for (scale, decay), params in groups.items()]
+
+
+def build_optimizer(groups: list[dict], config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """sgd: Nesterov momentum. rmsprop: the paper's settings (decay 0.9, momentum 0.9, eps 1e-3;
+    PyTorch adds eps outside the square root, TensorFlow inside, a small difference at this eps).
+    adamw: decoupled weight decay."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, momentum=config.momentum, eps=1e-3)
+    return torch.optim.AdamW(groups, lr=lr)

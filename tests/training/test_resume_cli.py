@@ -1,0 +1,125 @@
+"""Runs that survive: SIGKILL mid-epoch then --resume ends with the weights of an uninterrupted run;
+the command line; a 2-process gloo torchrun run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RUN_SCRIPT = """
+import sys
+sys.path.insert(0, {here!r})
+from training_helpers import tiny_model
+from effnet.training import fit
+resume = {resume!r}
+options = dict(img_size=32, epochs=3, batch_size=4, val_split=0.25, warmup_steps=2, workers=0, quiet=True,
+               precision="fp32", deterministic=True, checkpoint_every=2, ema=True, mixup=0.2, data_dir={data_dir!r})
+if resume:
+    fit(None, None, resume={output!r})
+else:
+    fit(tiny_model(), {data!r}, output={output!r}, **options)
+"""
+
+
+def _start(image_folder: Path, output: Path, resume: bool = False) -> subprocess.Popen:
+    script = RUN_SCRIPT.format(
+        here=str(HERE), resume=resume, output=str(output), data=str(image_folder), data_dir=str(output.parent / "d")
+    )
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen) -> None:
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(image_folder, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    _finish(_start(image_folder, reference))
+
+    process = _start(image_folder, killed)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            progress = torch.load(killed / "state.pt", weights_only=True)["progress"]
+        except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+            progress = None
+        if progress and progress["epoch"] == 1 and progress["batches_done"] > 0:  # inside the second epoch
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
+    assert not (killed / "results.json").exists()
+
+    _finish(_start(image_folder, killed, resume=True))
+    expected = torch.load(reference / "state.pt", weights_only=True)
+    resumed = torch.load(killed / "state.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for key, value in expected[part].items():
+            assert torch.equal(value, resumed[part][key]), f"{part}.{key} differs after resume"
+    assert expected["history"] == resumed["history"]
+    assert (
+        json.loads((reference / "results.json").read_text())["test_acc"]
+        == json.loads((killed / "results.json").read_text())["test_acc"]
+    )
+
+
+def _effnet(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "effnet", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_train_without_data_says_what_to_pass():
+    result = _effnet("train")
+    assert result.returncode == 2
+    for hint in ("--data", "digits", "cifar10", "folder"):
+        assert hint in result.stdout
+
+
+def test_cli_trains_then_resumes_with_more_epochs(image_folder, tmp_path):
+    run = tmp_path / "run"
+    common = ["--workers", "0", "--quiet", "--precision", "fp32"]
+    result = _effnet(
+        "train", "--data", str(image_folder), "--model", "efficientnet_lite0", "--img-size", "32", "--epochs", "1",
+        "--batch-size", "12", "--val-split", "0.25", "--output", str(run), "--data-dir", str(tmp_path / "d"), *common,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy:" in result.stdout and "image size 32" in result.stderr
+    result = _effnet("train", "--resume", str(run), "--epochs", "2", *common)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stderr
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[2].startswith("2,")
+    result = _effnet("train", "--resume", str(run), "--model", "efficientnet_b0")
+    assert result.returncode == 1 and "it trains 'efficientnet_lite0'" in result.stderr
+
+
+def test_torchrun_two_processes_gloo(image_folder, tmp_path):
+    run = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "effnet", "train", "--data", str(image_folder), "--model", "efficientnet_lite0", "--img-size", "32",
+        "--epochs", "1", "--batch-size", "6", "--val-split", "0.25", "--output", str(run), "--workers", "0",
+        "--quiet", "--precision", "fp32", "--data-dir", str(tmp_path / "d"),
+    ]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and results["test_images"] == 12  # the whole test set, counted once
+    log = (run / "train.log").read_text()
+    assert log.count("epoch 1/1:") == 1 and result.stderr.count("test accuracy") == 1
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["config.yaml", "metrics.csv", "best.pt", "last.pt", "state.pt", "results.json", "train.log"]
+        + (["report.html"] if (run / "report.html").exists() else [])
+    )
