@@ -282,3 +282,41 @@ def test_real_cifar10_archive_layout(cifar10_archive):
     classes = sorted({name for _, name in counts})
     assert classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert all(counts["train", name] == 5000 and counts["test", name] == 1000 for name in classes)
+
+
+def test_lazy_folder_loads_identically_in_workers(tmp_path):
+    from effnet.data import TransformedDataset, build_transforms, make_loader
+    from effnet.data.loading import auto_num_workers
+
+    root = make_tree(tmp_path / "tree", splits=("train",), per_class=4)
+    data = load_data(root, data_dir=tmp_path / "cache", max_memory_bytes=0, val_split=0)
+    preprocess = {"input_size": 16, "crop_pct": 1.0, "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    dataset = TransformedDataset(data.train, build_transforms(preprocess, train=True), seed=0)
+    assert auto_num_workers(dataset) >= 1 and auto_num_workers(TransformedDataset(load_data("digits").train, None)) == 0
+    batches = [make_loader(dataset, 5, shuffle=True, seed=0, num_workers=n) for n in ("auto", 0)]
+    for (a, la), (b, lb) in zip(*batches, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_flowers102_uses_official_splits_lazily(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    images = []
+    for i in range(6):
+        make_image(tmp_path / "jpg" / f"image_{i:05d}.jpg", value=i * 30, size=(20, 16))
+        images.append(tmp_path / "jpg" / f"image_{i:05d}.jpg")
+
+    class FakeFlowers:
+        classes = ["rose", "tulip"]
+
+        def __init__(self, root, split, download):
+            picked = {"train": [0, 1, 2, 3], "val": [4], "test": [5]}[split]
+            self._image_files = [images[i] for i in picked]
+            self._labels = [i % 2 for i in picked]
+
+    monkeypatch.setattr(datasets, "Flowers102", FakeFlowers)
+    data = load_data("flowers102", data_dir=tmp_path)
+    assert [len(data.train), len(data.val), len(data.test)] == [4, 1, 1] and data.class_names == ["rose", "tulip"]
+    assert not data.train.in_memory and data.train.sizes[0] == (16, 20)
+    image, label = data.test[0]
+    assert image.shape == (3, 16, 20) and abs(int(image.float().mean()) - 150) <= 2 and label == 1
