@@ -4,16 +4,23 @@ and a measured run writes a table, Markdown, CSV and non-blank plots."""
 from __future__ import annotations
 
 import csv
+import json
+import logging
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 import torch
 import torchvision
+import yaml
+from PIL import Image
 
 from effnet.cli import main
+from effnet.comparison.finetune import TorchvisionAsEfficientNet
 from effnet.comparison.measure import CompareRow, add_ratios, compare_models
 from effnet.comparison.zoo import ALL_MODELS, DEFAULT_MODELS, describe, resolve_models
+from effnet.models.spec import PreprocessConfig
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +112,64 @@ def test_measured_run_writes_table_markdown_csv_and_plots(tmp_path: Path, capsys
     assert "| model | res | top-1 |" in markdown and "| efficientnet_b0 | 224 | 77.1 |" in markdown
     for plot in ("top1_vs_macs.png", "top1_vs_params.png", "top1_vs_throughput.png"):
         assert _is_nonblank_png(tmp_path / plot), plot
+
+
+def test_torchvision_model_wrapped_for_fit_keeps_its_function() -> None:
+    network = torchvision.models.get_model("mobilenet_v3_small", weights=None, num_classes=5).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = network(images)
+    wrapped = trainable_model_from(network)
+    with torch.no_grad():
+        assert torch.equal(wrapped.eval()(images), expected)
+    parts = [wrapped.stem, *wrapped.stages, wrapped.head, wrapped.classifier]  # what fit freezes and groups
+    assert sum(p.numel() for part in parts for p in part.parameters()) == sum(p.numel() for p in wrapped.parameters())
+    assert wrapped.num_classes == 5 and wrapped.pretrained_cfg["input_size"] == 224
+    wrapped.reset_classifier(3)
+    assert wrapped(images).shape == (2, 3)
+
+
+def trainable_model_from(network: torch.nn.Module) -> TorchvisionAsEfficientNet:
+    return TorchvisionAsEfficientNet("mobilenet_v3_small", network, PreprocessConfig())
+
+
+def _write_colour_folder(root: Path, per_class: dict[str, int], size: int = 24) -> Path:
+    """root/<split>/<class>/*.png, the class being the brightest channel."""
+    generator = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for channel, name in enumerate(["red", "green", "blue"]):
+            (root / split / name).mkdir(parents=True)
+            for number in range(count):
+                pixels = generator.integers(0, 90, (size, size, 3), dtype=np.uint8)
+                pixels[..., channel] += 150
+                Image.fromarray(pixels).save(root / split / name / f"{number}.png")
+    return root
+
+
+def test_finetune_runs_each_model_and_a_rerun_skips_finished_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _write_colour_folder(tmp_path / "colours", {"train": 8, "test": 2})
+    args = ["compare", "--finetune", str(data), "--models", "efficientnet_lite0,mobilenet_v3_small"]
+    args += ["--budget-minutes", "2", "--img-size", "32", "--epochs", "1", "--batch-size", "16", "--workers", "0"]
+    args += ["--output", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]
+    assert main(args) == 0
+    folder = tmp_path / "out" / "finetune"
+    results = {
+        name: json.loads((folder / f"{name}.json").read_text()) for name in ("efficientnet_lite0", "mobilenet_v3_small")
+    }
+    assert results["efficientnet_lite0"]["init"] == "ImageNet"  # offline weights from the lite0 package
+    assert results["mobilenet_v3_small"]["init"] == "scratch"
+    for name, result in results.items():
+        assert 0 <= result["test_acc"] <= 1 and result["train_images_per_s"] > 0 and result["img_size"] == 32
+        config = yaml.safe_load((folder / "runs" / name / "config.yaml").read_text())
+        assert config["max_minutes"] == 2 and config["model"] == name
+    assert "| efficientnet_lite0 | ImageNet |" in (tmp_path / "out" / "finetune.md").read_text()
+    assert _is_nonblank_png(tmp_path / "out" / "finetune.png")
+
+    finished = {path: path.stat().st_mtime_ns for path in folder.glob("*.json")}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="effnet"):
+        assert main(args) == 0
+    assert caplog.text.count("done before") == 2
+    assert {path: path.stat().st_mtime_ns for path in folder.glob("*.json")} == finished

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -13,6 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 from effnet.comparison.measure import CompareRow  # noqa: E402
+
+if TYPE_CHECKING:  # finetune imports the training layer, needed here only for the type
+    from effnet.comparison.finetune import FinetuneRow
 
 
 def _number(value: float | None, fmt: str) -> str:
@@ -52,15 +56,18 @@ def setup_line(rows: Sequence[CompareRow]) -> str:
     )
 
 
-def format_table(rows: Sequence[CompareRow]) -> str:
-    """Fixed-width text: the model name left-aligned, numbers right-aligned."""
-    lines = [[header for header, _ in COLUMNS]] + [[cell(row) for _, cell in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
+def _fixed_width(lines: list[list[str]]) -> str:
+    """Text columns: the first left-aligned, the others right-aligned."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
 
     def render(line: list[str]) -> str:
         return "  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)])
 
     return "\n".join(render(line) for line in lines)
+
+
+def format_table(rows: Sequence[CompareRow]) -> str:
+    return _fixed_width([[header for header, _ in COLUMNS]] + [[cell(row) for _, cell in COLUMNS] for row in rows])
 
 
 LEGEND = """\
@@ -166,3 +173,59 @@ def write_report(rows: Sequence[CompareRow], output: str | Path) -> list[Path]:
     markdown.write_text(to_markdown(rows))
     write_csv(rows, table)
     return [markdown, table, *write_plots(rows, output)]
+
+
+def format_finetune_table(rows: Sequence[FinetuneRow], markdown: bool = False) -> str:
+    headers = ["model", "init", "test acc %", "train img/s", "time min", "epochs", "img size", "stopped by"]
+    cells = [
+        [
+            row.name,
+            row.init,
+            _number(None if row.test_acc is None else 100 * row.test_acc, ".2f"),
+            _number(row.train_images_per_s, ".1f"),
+            f"{row.train_time_s / 60:.1f}",
+            f"{row.epochs_run:g}",
+            str(row.img_size),
+            "budget" if row.stop_reason.startswith("time budget") else row.stop_reason,
+        ]
+        for row in rows
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|---|---|" + "---:|" * (len(headers) - 3) + "---|"]
+        return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in cells]) + "\n"
+    return _fixed_width([headers, *cells])
+
+
+def write_finetune_report(rows: Sequence[FinetuneRow], output: str | Path, setup: str) -> list[Path]:
+    """finetune.md, finetune.csv and finetune.png (validation accuracy against training time per
+    model, its test accuracy at the end) in `output`."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    markdown, table, plot = output / "finetune.md", output / "finetune.csv", output / "finetune.png"
+    markdown.write_text(f"Setup: {setup}.\n\n" + format_finetune_table(rows, markdown=True))
+    with open(table, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(rows[0]) if f.name != "curve"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: v for k, v in dataclasses.asdict(row).items() if k != "curve"})
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for row in rows:
+        (line,) = ax.plot([s / 60 for s, _ in row.curve], [100 * a for _, a in row.curve], "-o", markersize=3)
+        if row.test_acc is not None:
+            ax.scatter([row.train_time_s / 60], [100 * row.test_acc], marker="*", s=120, color=line.get_color())
+            ax.annotate(
+                row.name,
+                (row.train_time_s / 60, 100 * row.test_acc),
+                xytext=(4, 4),
+                textcoords="offset points",
+                fontsize=8,
+            )
+    ax.set_xlabel("training time (minutes)")
+    ax.set_ylabel("accuracy (%): validation per epoch, test at the star")
+    ax.set_title("Fine-tuning with the same budget")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(plot, dpi=120)
+    plt.close(fig)
+    return [markdown, table, plot]

@@ -7,6 +7,7 @@ resolution) ships inside torchvision.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,9 @@ CLASSIC_MODELS = [
 DEFAULT_MODELS = [f"efficientnet_b{i}" for i in range(5)] + ["efficientnet_lite0"] + CLASSIC_MODELS
 ALL_MODELS = [f"efficientnet_b{i}" for i in range(8)] + ["efficientnet_lite0"] + CLASSIC_MODELS
 
+# Where `compare --finetune` takes ImageNet weights from (see finetune._use_pretrained).
+PRETRAINED_MODES = ("offline", "download", "none")
+
 # torchvision builds these with auxiliary training heads by default; they are dropped at inference
 # (and the published parameter counts of GoogLeNet exclude them), so we build without them.
 _WITHOUT_AUX_HEADS = {"googlenet", "inception_v3"}
@@ -92,7 +96,7 @@ def resolve_models(spec: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _torchvision_weights(name: str) -> torchvision.models.WeightsEnum | None:
+def torchvision_weights(name: str) -> torchvision.models.WeightsEnum | None:
     """The original-recipe ImageNet weights (IMAGENET1K_V1) when torchvision has them.
 
     V1 is the architecture's own published training, like the baselines of the paper's Table 2;
@@ -112,7 +116,7 @@ def describe(name: str) -> ZooEntry:
         family = "efficientnet-lite" if "lite" in name else "efficientnet"
         top1, source = REFERENCE_TOP1.get(base, (None, ""))
         return ZooEntry(name, family, get_config(name).preprocess.input_size, top1, source)
-    weights = _torchvision_weights(name)
+    weights = torchvision_weights(name)
     if weights is None:
         return ZooEntry(name, "torchvision", 224, None, "")
     resolution = weights.transforms().crop_size[0]
@@ -131,7 +135,7 @@ def build(name: str, num_classes: int = 1000, pretrained: bool = False) -> nn.Mo
     extra = {"aux_logits": False, "init_weights": not pretrained} if name in _WITHOUT_AUX_HEADS else {}
     if not pretrained:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
-    model = torchvision.models.get_model(name, weights=_torchvision_weights(name), **extra)
+    model = torchvision.models.get_model(name, weights=torchvision_weights(name), **extra)
     _replace_classifier(model, num_classes)
     return model
 
@@ -146,22 +150,21 @@ def _replace_classifier(model: nn.Module, num_classes: int) -> None:
     setattr(parent, attr, nn.Linear(last.in_features, num_classes))
 
 
+def has_pretrained(name: str) -> bool:
+    """Whether ImageNet weights are registered for `name` (ours) or published by torchvision."""
+    return name in WEIGHT_REGISTRY if name in list_models() else torchvision_weights(name) is not None
+
+
 def pretrained_offline(name: str) -> bool:
     """Whether ImageNet weights for `name` load without network: shipped in an installed package
     (Lite0) or already in torch's hub cache from an earlier download."""
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     if name in list_models():
         for source in WEIGHT_REGISTRY.get(name, []):
-            if source.kind == "package" and _importable(source.location):
+            if source.kind == "package" and importlib.util.find_spec(source.location) is not None:
                 return True
             if source.kind == "url" and (cache / source.location.rsplit("/", 1)[-1]).is_file():
                 return True
         return False
-    weights = _torchvision_weights(name)
+    weights = torchvision_weights(name)
     return weights is not None and (cache / weights.url.rsplit("/", 1)[-1]).is_file()
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
