@@ -12,7 +12,7 @@ import logging
 import sys
 
 # Modules of effnet.cli, one per group of subcommands. Add yours here.
-COMMAND_MODULES = ["models", "compare", "predict", "train", "evaluate"]
+COMMAND_MODULES = ["models", "compare", "predict", "train", "evaluate", "search", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
