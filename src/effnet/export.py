@@ -9,6 +9,7 @@ the one traced, which also proves the batch dimension is dynamic.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -86,12 +87,21 @@ def export_torchscript(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = img_size or model.config.preprocess.input_size
-    with warnings.catch_warnings():
-        # The model's input-shape check is a Python branch the tracer warns about; it is constant here.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with _quiet_torchscript():
         traced = torch.jit.trace(model.cpu().eval(), _example_input(size, 2))
-    torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata or {})})
+        torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata or {})})
     return path
+
+
+@contextlib.contextmanager
+def _quiet_torchscript():
+    """TorchScript still loads in every PyTorch and in C++ (libtorch), which is why users ask for it;
+    its deprecation notices and the tracer's warning about the model's (constant) input-shape check
+    are noise for them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        yield
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
@@ -128,7 +138,8 @@ def export_model(
         run = OnnxRuntimeEngine(output)
     else:
         export_torchscript(model, output, size, metadata)
-        run = torch.jit.load(str(output)).eval()
+        with _quiet_torchscript():
+            run = torch.jit.load(str(output)).eval()
     images = _example_input(size, 3, seed=1)
     with torch.inference_mode():
         parity = check_parity(model, run(images), images, fmt)

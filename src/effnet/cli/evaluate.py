@@ -13,6 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="metrics, confusion matrices, calibration, top losses -> eval.json + PNGs")
     p.add_argument("model", help="run folder (its best.pt and data), checkpoint (.pt) or exported .onnx file")
     p.add_argument("--data", help="data set name, folder or archive (default: the run's own data)")
+    p.add_argument("--data-dir", help="where data sets are downloaded/extracted (default: the run's, or ./data)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="test falls back to val if absent")
     p.add_argument("--output", help="output folder (default: RUN_DIR/eval, or <checkpoint>-eval)")
     p.add_argument("--img-size", type=int, help="evaluate at another resolution (default: the model's)")
@@ -46,7 +47,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         source = Path(trained.source)
         output = source.with_name(source.stem + "-eval")
-    result = run_eval(trained, output, args.data, args.split, args.img_size, args.tta, args.backend, args.batch_size)
+    result = run_eval(
+        trained, output, args.data, args.split, args.img_size, args.tta, args.backend, args.batch_size, args.data_dir
+    )
     print(f"{result['model']} on {result['data']} ({result['split']} split, {result['num_samples']} images)")
     print(f"  top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  loss {result['loss']:.4f}")
     print(f"  macro F1 {result['macro']['f1']:.4f}  weighted F1 {result['weighted']['f1']:.4f}")

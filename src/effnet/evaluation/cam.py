@@ -80,7 +80,8 @@ def cam_figure(models: Sequence[Trained], images: Sequence[torch.Tensor], titles
             axes[row, col].imshow(shown[row])
             axes[row, col].imshow(cams[row], cmap="jet", alpha=0.45, vmin=0, vmax=1)
             label = trained.label(int(classes[row]))
-            axes[row, col].set_title(f"{trained.model_name}\n{label} ({100 * probabilities[row]:.0f}%)", fontsize=9)
+            name = f"{trained.model_name} @ {trained.preprocess['input_size']}px"
+            axes[row, col].set_title(f"{name}\n{label} ({100 * probabilities[row]:.0f}%)", fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
     figure.tight_layout()

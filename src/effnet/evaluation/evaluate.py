@@ -75,7 +75,7 @@ def evaluate(
     return classification_metrics(logits, targets, class_names)
 
 
-def load_run_data(trained: Trained, spec: str | None = None) -> DataSplits:
+def load_run_data(trained: Trained, spec: str | None = None, data_dir: str | None = None) -> DataSplits:
     """The data of `spec`, or the run's own (its data spec, data_dir, val_split and seed, so the
     validation split is the one it was trained against)."""
     spec = spec or trained.data_spec
@@ -84,7 +84,7 @@ def load_run_data(trained: Trained, spec: str | None = None) -> DataSplits:
     config = trained.run_config
     return load_data(
         spec,
-        data_dir=config.get("data_dir", "data"),
+        data_dir=data_dir or config.get("data_dir", "data"),
         val_split=config.get("val_split", 0.1),
         seed=config.get("seed", trained.extra.get("seed", 0)),
         on_bad_image=config.get("on_bad_image", "fail"),
@@ -108,12 +108,13 @@ def run_eval(
     tta: bool = False,
     backend: str = "auto",
     batch_size: int = 64,
+    data_dir: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate on `split` ("test", or "val"; "test" falls back to "val" when the data have no test
     split), write eval.json, predictions.npz and the figures into `output`; return eval.json's content."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    splits = data if isinstance(data, DataSplits) else load_run_data(trained, data)
+    splits = data if isinstance(data, DataSplits) else load_run_data(trained, data, data_dir)
     chosen = splits.test if split == "test" and splits.test is not None else splits.val
     name = "test" if chosen is splits.test and chosen is not None else "val"
     if chosen is None:

@@ -66,7 +66,7 @@ def plot_confusion(
     values = (row_normalise(matrix) if normalise else np.asarray(matrix))[np.ix_(order, order)]
     names = [class_names[i] for i in order]
     # One tick label per cell: the cell must be taller than the font (1 pt = 1/72 inch).
-    font = float(np.clip(260 / n, 6, 11))
+    font = float(np.clip(260 / n, 7, 11))
     side = max(6.0, n * font * 1.6 / 72 + 2.5)
     figure, axes = plt.subplots(figsize=(side + 1.5, side))
     image = axes.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalise else max(values.max(), 1))
