@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -28,7 +29,16 @@ PREPROCESS = {  # EfficientNet-B0 / Lite0's pretrained_cfg
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
-def images_per_second(dataset, batch_size: int, images: int, num_workers: int) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (loader workers, once shut down)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def pipeline_speed(dataset, batch_size: int, images: int, num_workers: int) -> tuple[float, float]:
+    """(images/s of wall time, CPU milliseconds per image including workers). On a shared machine the
+    CPU cost is the steadier figure: it does not depend on how many cores other jobs leave us."""
+    cpu_before = cpu_seconds()
     loader = make_loader(dataset, batch_size, shuffle=True, seed=0, epoch=0, num_workers=num_workers)
     iterator = iter(loader)
     next(iterator)  # workers started, caches warm
@@ -37,11 +47,13 @@ def images_per_second(dataset, batch_size: int, images: int, num_workers: int) -
         seen += len(batch)
         if seen >= images:
             break
-    return seen / (time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    del iterator, loader  # joins the workers, so their CPU time is counted
+    return seen / wall, 1000 * (cpu_seconds() - cpu_before) / (seen + batch_size)
 
 
-def training_images_per_second(data, size: int, num_workers: int, steps: int, batch_size: int) -> float:
-    """Images/s of real training steps (EfficientNet-Lite0, SGD, channels_last) fed by the pipeline."""
+def training_speed(data, size: int, num_workers: int, steps: int, batch_size: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of real training steps (EfficientNet-Lite0, SGD, channels_last)."""
     import effnet
 
     model = effnet.create_model("efficientnet_lite0", num_classes=10).to(memory_format=torch.channels_last)
@@ -49,10 +61,11 @@ def training_images_per_second(data, size: int, num_workers: int, steps: int, ba
     transform = build_transforms(model.pretrained_cfg, train=True, augment="light", img_size=size)
     dataset = TransformedDataset(data.train, transform, seed=0)
     loader = make_loader(dataset, batch_size, shuffle=True, seed=0, num_workers=num_workers)
-    seen, started = 0, None
-    for step, (images, labels) in enumerate(loader):
+    seen, started, cpu_before = 0, None, None
+    iterator = iter(loader)
+    for step, (images, labels) in enumerate(iterator):
         if step == 1:  # the first step warms up
-            seen, started = 0, time.perf_counter()
+            seen, started, cpu_before = 0, time.perf_counter(), cpu_seconds()
         loss = torch.nn.functional.cross_entropy(model(images.to(memory_format=torch.channels_last)), labels)
         optimizer.zero_grad()
         loss.backward()
@@ -60,7 +73,9 @@ def training_images_per_second(data, size: int, num_workers: int, steps: int, ba
         seen += len(images)
         if step == steps:
             break
-    return seen / (time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    del iterator, loader  # joins the workers, so their CPU time is counted
+    return seen / wall, 1000 * (cpu_seconds() - cpu_before) / seen
 
 
 def main() -> None:
@@ -81,7 +96,7 @@ def main() -> None:
     print(f"train split in memory: {data.train.in_memory}, {tuple(data.train.images.shape)} uint8")
 
     print(f"\nfull train pipeline, batch {args.batch_size}, {args.images} images per figure, images/s:")
-    print("torch threads | workers | size | augment        | images/s")
+    print("torch threads | workers | size | augment        | images/s | CPU ms/image")
     configs = [
         (1, 0, 224, "light"),
         (1, 0, 128, "light"),
@@ -96,15 +111,15 @@ def main() -> None:
         torch.set_num_threads(threads)
         transform = build_transforms(PREPROCESS, train=True, augment=augment, img_size=size)
         dataset = TransformedDataset(data.train, transform, seed=0)
-        rate = images_per_second(dataset, args.batch_size, args.images, workers)
-        print(f"{threads:13d} | {workers:7d} | {size:4d} | {augment:14s} | {rate:8.0f}")
+        rate, cpu_ms = pipeline_speed(dataset, args.batch_size, args.images, workers)
+        print(f"{threads:13d} | {workers:7d} | {size:4d} | {augment:14s} | {rate:8.0f} | {cpu_ms:12.2f}")
 
     if args.train_steps:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
         print(f"\nEfficientNet-Lite0 training steps at 128 px, batch 32, light, {torch.get_num_threads()} threads:")
         for workers in (0, 2, 0, 2):
-            rate = training_images_per_second(data, 128, workers, args.train_steps, 32)
-            print(f"  num_workers={workers}: {rate:.1f} images/s")
+            rate, cpu_ms = training_speed(data, 128, workers, args.train_steps, 32)
+            print(f"  num_workers={workers}: {rate:.1f} images/s, {cpu_ms:.1f} CPU ms/image")
 
 
 if __name__ == "__main__":
