@@ -109,6 +109,12 @@ def test_images_at_top_level_are_a_layout_error(tmp_path):
         load_data(tmp_path / "flat", data_dir=tmp_path / "cache")
 
 
+def test_a_lone_class_folder_is_not_mistaken_for_a_wrapper(tmp_path):
+    make_tree(tmp_path / "one", splits=("",), per_class=3, classes=("cat",))
+    with pytest.raises(ValueError, match="only one class folder"):
+        load_data(tmp_path / "one", data_dir=tmp_path / "cache")
+
+
 def test_no_class_folders_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no class folders"):

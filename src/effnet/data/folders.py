@@ -11,9 +11,9 @@ A `.tar`, `.tar.gz`/`.tgz` or `.zip` of such a tree is extracted once, safely, i
 
 Decoding: a folder whose images fit in `max_memory_bytes` as uint8 RGB (1 GiB by default: CIFAR-10's
 60,000 32x32 images take 184 MB) is decoded once into memory, and the decoded arrays are cached in
-`data_dir/decoded/` keyed by every file's path, size and mtime, so the next run loads them in well
-under a second. Larger folders are validated up front (every file decoded at reduced JPEG scale) and
-decoded lazily in loader workers.
+`data_dir/decoded/` keyed by every file's path, size and mtime, so the next run loads them in a few
+seconds (CIFAR-10: 2.6 s instead of 16 s or more of decoding). Larger folders are validated up front
+(every file decoded at reduced JPEG scale) and decoded lazily in loader workers.
 """
 
 from __future__ import annotations
@@ -182,10 +182,11 @@ def find_layout(root: Path) -> tuple[Path, dict[str, Path]]:
         raise FileNotFoundError(f"no such folder: {root}")
     while True:
         entries = _visible(root)
-        if len(entries) == 1 and entries[0].is_dir() and entries[0].name not in ("train", *VAL_FOLDER_NAMES, "test"):
-            root = entries[0]
-        else:
+        only = entries[0] if len(entries) == 1 and entries[0].is_dir() else None
+        # Descend into a wrapper folder (an archive's top folder), not into a lone class folder.
+        if only is None or only.name in ("train", *VAL_FOLDER_NAMES, "test") or any(map(is_image_file, _visible(only))):
             break
+        root = only
     if not (root / "train").is_dir():
         return root, {}
     folders = {"train": root / "train"}
@@ -352,9 +353,13 @@ def load_image_folder(
     if len(class_names) < 2:
         raise ValueError(f"{folders[first]} has only one class folder ({class_names[0]}); a classifier needs two")
     for name in others:
-        scanned[name], _, more = _scan_split(folders[name], class_names)
+        found, _, more = _scan_split(folders[name], class_names)
         ignored += more
-        missing = sorted(set(class_names) - {class_names[i] for i in scanned[name].labels})
+        if not found.files:
+            logger.warning("%s has no images; it is not used", folders[name])
+            continue
+        scanned[name] = found
+        missing = sorted(set(class_names) - {class_names[i] for i in found.labels})
         if missing:
             logger.warning("classes missing from %s (not evaluated there): %s", folders[name], ", ".join(missing))
     if ignored:
