@@ -180,6 +180,11 @@ def test_convertible_modes_become_rgb(tmp_path):
     out = read_rgb(_save(sixteen, tmp_path / "deep.png"))
     assert out[..., 0].tolist() == [[0, 100], [255, 255]]
 
+    upright = Image.new("RGB", (20, 10))
+    exif = upright.getexif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees to display
+    assert read_rgb(_save(upright, tmp_path / "phone.jpg", exif=exif)).shape == (20, 10, 3)
+
     cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red
     out = read_rgb(_save(cmyk, tmp_path / "cmyk.jpg"))
     assert out[..., 0].min() > 200 and out[..., 1:].max() < 60

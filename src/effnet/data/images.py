@@ -18,7 +18,6 @@ the path and a one-line reason, so callers can collect every bad file before tra
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -87,20 +86,18 @@ def check_image(path: str | Path) -> tuple[int, int]:
 
 def _decode(path: str | Path, reduce_to: int | None) -> tuple[np.ndarray, tuple[int, int]]:
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (instead of failing) on some broken files; treat those as errors too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                size = (image.height, image.width)
-                if reduce_to is not None:
-                    image.draft("RGB", (reduce_to, reduce_to))
-                image.load()
-                array = np.asarray(to_rgb(ImageOps.exif_transpose(image)))
+        with Image.open(path) as image:
+            size = (image.height, image.width)
+            if reduce_to is not None:
+                image.draft("RGB", (reduce_to, reduce_to))
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
+            array = np.asarray(to_rgb(image))
     except FileNotFoundError:
         raise BadImageError(path, "file not found") from None
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image (Pillow cannot identify the format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, Warning) as error:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
         raise BadImageError(path, f"corrupt or truncated image ({type(error).__name__}: {error})") from None
     if array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
         raise BadImageError(path, f"unusable image of shape {array.shape}")
