@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("report", help="write RUN_DIR/report.html, one self-contained page about a run")
     p.add_argument("run_dir", help="a run folder made by `effnet train`")
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="default torch: fp32, as in training")
     p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser("cam", help="Grad-CAM of the last stage on images, for one model or several side by side")

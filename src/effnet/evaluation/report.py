@@ -56,8 +56,11 @@ code { background:#eef2f7; padding:1px 5px; border-radius:4px; font-size:13px; }
 """
 
 
-def write_report(run_dir: str | Path, data: DataSplits | None = None, backend: str = "auto") -> Path:
-    """Evaluate the run's best.pt, draw the figures (in RUN_DIR/eval) and write RUN_DIR/report.html."""
+def write_report(run_dir: str | Path, data: DataSplits | None = None, backend: str = "torch") -> Path:
+    """Evaluate the run's best.pt, draw the figures (in RUN_DIR/eval) and write RUN_DIR/report.html.
+
+    The default backend is PyTorch in fp32, so the page's accuracy is the one the training loop
+    measured (results.json), not one shifted by a reduced-precision backend."""
     run_dir = Path(run_dir)
     trained = load_trained(run_dir)
     splits = data if data is not None else load_run_data(trained)
