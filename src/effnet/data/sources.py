@@ -51,19 +51,16 @@ def load_data(
         raise ValueError(f"val_split must be in [0, 0.5), got {val_split}")
     name = str(spec).lower()
     if name in NAMED_DATASETS and not Path(spec).exists():
-        return _NAMED_LOADERS[name](Path(data_dir), val_split, seed, download, on_bad_image)
-    if not Path(spec).exists():
+        data = _NAMED_LOADERS[name](Path(data_dir), val_split, seed, download, on_bad_image)
+    elif Path(spec).exists():
+        data = load_image_folder(spec, data_dir, val_split, seed, on_bad_image, max_memory_bytes)
+    else:
         raise FileNotFoundError(
             f"{spec} is neither a data set name ({', '.join(NAMED_DATASETS)}) nor an existing folder or archive"
         )
-    data = load_image_folder(spec, data_dir, val_split, seed, on_bad_image, max_memory_bytes)
-    logger.info("%s: %s", data.source, _describe(data))
+    sizes = ", ".join(f"{split_name} {len(split):,}" for split_name, split in data.splits().items())
+    logger.info("%s: %d classes; %s images", data.source, data.num_classes, sizes)
     return data
-
-
-def _describe(data: DataSplits) -> str:
-    sizes = ", ".join(f"{name} {len(split):,}" for name, split in data.splits().items())
-    return f"{data.num_classes} classes; {sizes} images"
 
 
 @functools.cache
@@ -119,9 +116,7 @@ def _load_cifar(dataset_name: str, data_dir: Path, val_split: float, seed: int, 
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
         parts[split_name] = ImageSplit(dataset.targets, images=images, on_bad_image=on_bad_image)
     train, val = carve(parts["train"], [val_split], seed)
-    data = DataSplits(train, val, parts["test"], list(dataset.classes), source=f"{title} (torchvision, {data_dir})")
-    logger.info("%s: %s", data.source, _describe(data))
-    return data
+    return DataSplits(train, val, parts["test"], list(dataset.classes), source=f"{title} (torchvision, {data_dir})")
 
 
 def load_flowers102(data_dir: Path, val_split: float, seed: int, download: bool, on_bad_image: str) -> DataSplits:
@@ -138,9 +133,7 @@ def load_flowers102(data_dir: Path, val_split: float, seed: int, download: bool,
             with Image.open(path) as image:
                 sizes.append((image.height, image.width))
         splits[split_name] = ImageSplit(dataset._labels, paths=paths, sizes=sizes, on_bad_image=on_bad_image)
-    data = DataSplits(**splits, class_names=list(datasets.Flowers102.classes), source=f"Flowers-102 ({data_dir})")
-    logger.info("%s: %s", data.source, _describe(data))
-    return data
+    return DataSplits(**splits, class_names=list(datasets.Flowers102.classes), source=f"Flowers-102 ({data_dir})")
 
 
 _NAMED_LOADERS = {
