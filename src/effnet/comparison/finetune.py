@@ -27,6 +27,7 @@ from effnet.comparison.zoo import (
     build,
     describe,
     has_pretrained,
+    last_linear,
     pretrained_offline,
     torchvision_weights,
 )
@@ -51,9 +52,8 @@ class TorchvisionAsEfficientNet(EfficientNet):
 
     def __init__(self, name: str, network: nn.Module, preprocess: PreprocessConfig) -> None:
         nn.Module.__init__(self)  # not EfficientNet.__init__: the layers are torchvision's
-        path, last = [(n, m) for n, m in network.named_modules() if isinstance(m, nn.Linear)][-1]
-        parent, _, attr = path.rpartition(".")
-        setattr(network.get_submodule(parent) if parent else network, attr, nn.Identity())
+        parent, attr, last = last_linear(network)
+        setattr(parent, attr, nn.Identity())
         self.stem, self.stages, self.head = network, nn.Sequential(), nn.Identity()
         self.num_features = last.in_features
         self.classifier = last

@@ -141,13 +141,17 @@ def build(name: str, num_classes: int = 1000, pretrained: bool = False) -> nn.Mo
 
 
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:
-    """Swap the last `nn.Linear` (torchvision's classifiers all end in one) for a new one."""
-    if num_classes == 1000:
-        return
-    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, nn.Linear(last.in_features, num_classes))
+    if num_classes != 1000:
+        parent, attr, last = last_linear(model)
+        setattr(parent, attr, nn.Linear(last.in_features, num_classes))
+
+
+def last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+    """The classifier's final layer (torchvision's classifiers all end in one `nn.Linear`): its
+    parent module, its attribute name there, and the layer."""
+    path, layer = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
+    parent, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), attr, layer
 
 
 def has_pretrained(name: str) -> bool:
