@@ -14,5 +14,4 @@ __all__ = [
     "CompareRow",
     "compare_models",
     "resolve_models",
-    "write_report",
 ]
