@@ -42,12 +42,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--train-images", type=int, help="training images per epoch (default: what fits the time share)")
     g.add_argument("--val-images", type=int, default=2000, help="held-out validation images scoring each run")
     g.add_argument("--val-split", type=float, default=0.1, help="fraction of train held out for validation")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--optimizer", default="sgd", choices=("sgd", "rmsprop", "adamw"))
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--optimizer", default="adamw", choices=("sgd", "rmsprop", "adamw"))
     g.add_argument("--augment", default="light")
+    g.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"))
     g.add_argument("--workers", default="auto", help="data-loader workers (default auto)")
     g.add_argument("--threads", type=int, help="torch threads (default: every local core)")
+    g.add_argument(
+        "--launcher",
+        help="run each training in a child process started by this command, e.g. 'torchrun --nproc_per_node 4' "
+        "(DDP over 4 devices); default: in this process",
+    )
     p.set_defaults(func=cmd_search)
 
 
@@ -71,10 +77,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         lr=args.lr,
         optimizer=args.optimizer,
         augment=args.augment,
+        precision=args.precision,
         val_split=args.val_split,
         data_dir=args.data_dir,
         workers=int(args.workers) if str(args.workers).isdigit() else args.workers,
         threads=args.threads,
+        launcher=args.launcher,
     )
     result = search(settings)
     print(format_table(result.rows))

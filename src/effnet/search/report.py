@@ -14,6 +14,7 @@ import effnet
 from effnet.search.grid import PAPER_COEFFICIENTS, Coefficients
 from effnet.search.runner import RunSpec, write_json_atomic
 
+RECIPE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "augment", "precision", "seeds")
 COLUMNS = (
     ("kind", "kind", "{}"),
     ("alpha", "alpha", "{:.2f}"),
@@ -39,13 +40,8 @@ def planned_specs(plan: dict[str, Any]) -> list[RunSpec]:
     specs += [RunSpec(s["kind"], Coefficients(s["alpha"], s["beta"], s["gamma"]), s["phi"]) for s in plan["study"]]
     for key in plan["measured"]:
         if key.startswith("compound_"):
-            specs.append(_spec_from_key(key))
+            specs.append(RunSpec.from_key(key))
     return specs
-
-
-def _spec_from_key(key: str) -> RunSpec:
-    kind, a, b, g, phi = key.split("_")
-    return RunSpec(kind, Coefficients(float(a[1:]), float(b[1:]), float(g[1:])), float(phi[3:]))
 
 
 def table_rows(plan: dict[str, Any], finished: dict[str, dict], seeds: int) -> list[dict[str, Any]]:
@@ -143,7 +139,7 @@ def coefficients_record(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "data": plan["source"],
             "proxy": recipe["proxy"],
-            "recipe": {k: recipe[k] for k in ("epochs", "batch_size", "lr", "optimizer", "augment", "seeds")},
+            "recipe": {k: recipe[k] for k in RECIPE_KEYS},
             "train_images": plan["train_images"],
             "val_images": recipe["val_images"],
             "val_acc": chosen["val_acc"],

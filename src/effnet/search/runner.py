@@ -14,6 +14,9 @@ import json
 import logging
 import math
 import os
+import shlex
+import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,7 +43,7 @@ MIN_CANDIDATE_MINUTES = 1.0  # below this a CPU proxy learns too little to rank 
 RUN_OVERHEAD_S = 5.0  # fit's set-up and checkpoints per run, measured on the tiny test search
 # Recipe fields a rerun must share with the saved plan: changing them would mix incomparable runs.
 RECIPE_FIELDS = ("data", "proxy", "grid_step", "target", "tolerance", "seeds", "epochs", "val_images", "study_phis")
-RECIPE_FIELDS += ("batch_size", "lr", "optimizer", "augment", "val_split")
+RECIPE_FIELDS += ("batch_size", "lr", "optimizer", "augment", "precision", "val_split")
 
 
 @dataclass
@@ -61,14 +64,16 @@ class SearchSettings:
     train_images: int | None = None  # None: as many as fit each candidate's time share
     val_images: int = 2000
     study_phis: tuple[float, ...] = (1.0, 2.0)
-    batch_size: int = 64
-    lr: float | None = 0.1
-    optimizer: str = "sgd"
+    batch_size: int = 32
+    lr: float | None = 3e-3
+    optimizer: str = "adamw"
     augment: str = "light"
+    precision: str = "fp32"  # bf16 autocast did not speed up CPU training here (docs/search.md)
     val_split: float = 0.1
     data_dir: str = "data"
     workers: int | str = "auto"
     threads: int | None = None  # None: every local core
+    launcher: str | None = None  # e.g. "torchrun --nproc_per_node 4": each run in its own DDP job
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,11 @@ class RunSpec:
     @property
     def key(self) -> str:
         return f"{self.kind}_{self.coefficients.label()}_phi{self.phi:g}"
+
+    @classmethod
+    def from_key(cls, key: str) -> RunSpec:
+        kind, alpha, beta, gamma, phi = key.split("_")
+        return cls(kind, Coefficients(float(alpha[1:]), float(beta[1:]), float(gamma[1:])), float(phi[3:]))
 
 
 @dataclass
@@ -111,14 +121,21 @@ def search(settings: SearchSettings) -> SearchResult:
     data = _search_splits(splits, plan["train_images"], settings.val_images)
 
     deadline = started + settings.budget_minutes * 60
+    slowdown: list[float] = []  # actual / estimated time of the runs trained so far
     complete = True
     for spec in _pending(plan, finished, settings):
         for seed in range(settings.seeds):
             name = f"{spec.key}_s{seed}"
             if name in finished:
                 continue
+            twin = _same_network(plan, finished, spec, seed)
+            if twin is not None:  # e.g. the depth-only point that is also a grid candidate
+                finished[name] = _reuse(twin, spec, seed, output)
+                continue
+            # The plan's estimate, corrected by how much slower than it the runs so far have been.
             estimate = _estimate_seconds(plan, plan["measured"][spec.key]["macs"])
-            if time.perf_counter() + estimate > deadline + 0.1 * settings.budget_minutes * 60:
+            estimate *= statistics.median(slowdown) if slowdown else 1.0
+            if time.perf_counter() + estimate > deadline:
                 log.warning(
                     "budget of %g min used up before %s (about %.0f s); rerun the same command to continue",
                     settings.budget_minutes,
@@ -127,11 +144,12 @@ def search(settings: SearchSettings) -> SearchResult:
                 )
                 complete = False
                 break
-            twin = _same_network(plan, finished, spec, seed)
-            if twin is not None:  # e.g. the depth-only point that is also a grid candidate
-                finished[name] = _reuse(twin, spec, seed, output)
-                continue
-            finished[name] = _train_run(spec, seed, plan, settings, data, output, estimate)
+            tick = time.perf_counter()
+            if settings.launcher:
+                finished[name] = _launch(spec, seed, settings, output)
+            else:
+                finished[name] = train_run(spec, seed, plan, data, output, settings.workers)
+            slowdown.append((time.perf_counter() - tick) / _estimate_seconds(plan, plan["measured"][spec.key]["macs"]))
         if not complete:
             break
     rows = report.table_rows(plan, finished, settings.seeds)
@@ -359,6 +377,13 @@ def _spec_to_dict(spec: RunSpec) -> dict[str, Any]:
     return {"kind": spec.kind, "phi": spec.phi, **dataclasses.asdict(spec.coefficients)}
 
 
+def search_splits_from_plan(plan: dict[str, Any], data_dir: str) -> DataSplits:
+    """The data every run of this plan trains and is scored on, loaded again (another process)."""
+    recipe = plan["recipe"]
+    splits = load_data(recipe["data"], data_dir, recipe["val_split"], seed=0)
+    return _search_splits(splits, plan["train_images"], recipe["val_images"])
+
+
 def _spec_from_dict(data: dict[str, Any]) -> RunSpec:
     return RunSpec(data["kind"], Coefficients(data["alpha"], data["beta"], data["gamma"]), data["phi"])
 
@@ -409,28 +434,45 @@ def _balanced_subset(split: ImageSplit, count: int) -> ImageSplit:
 
 
 # ------------------------------------------------------------------------------------------------
-def _train_run(
+def _launch(spec: RunSpec, seed: int, settings: SearchSettings, output: Path) -> dict[str, Any]:
+    """Train one run in a child process started by `settings.launcher` (e.g. 'torchrun
+    --nproc_per_node 4'), where `fit` spreads it over the devices with DDP."""
+    name = f"{spec.key}_s{seed}"
+    command = [*shlex.split(settings.launcher), "-m", "effnet.search.worker", str(output), spec.key, str(seed)]
+    command += ["--data-dir", settings.data_dir, "--workers", str(settings.workers)]
+    log.info("training %s: %s", name, " ".join(command))
+    status = subprocess.run(command, check=False).returncode
+    result = output / RESULTS_DIR / f"{name}.json"
+    if status != 0 or not result.is_file():
+        raise RuntimeError(f"training {name} with {settings.launcher!r} failed (exit status {status}); see above")
+    return json.loads(result.read_text())
+
+
+def train_run(
     spec: RunSpec,
     seed: int,
     plan: dict[str, Any],
-    settings: SearchSettings,
     data: DataSplits,
     output: Path,
-    estimate: float,
+    workers: int | str = "auto",
 ) -> dict[str, Any]:
-    """Train one network through `effnet.fit` and save its result as results/<run>.json."""
+    """Train one network through `effnet.fit` with the plan's recipe and save its result as
+    results/<run>.json (on the main process only, under torchrun)."""
     name = f"{spec.key}_s{seed}"
     run_dir = output / "runs" / name
+    recipe = plan["recipe"]
+    estimate = _estimate_seconds(plan, plan["measured"][spec.key]["macs"])
     config = TrainConfig(
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        optimizer=settings.optimizer,
-        augment=settings.augment,
+        epochs=recipe["epochs"],
+        batch_size=recipe["batch_size"],
+        lr=recipe["lr"],
+        optimizer=recipe["optimizer"],
+        augment=recipe["augment"],
+        precision=recipe["precision"],
         seed=seed,
-        workers=settings.workers,
+        workers=workers,
         max_minutes=max(1.5 * estimate / 60, 0.2),  # a guard: the image count sets the length
-        warmup_steps=min(50, max(1, plan["train_images"] // settings.batch_size // 5)),
+        warmup_steps=min(50, max(1, plan["train_images"] // recipe["batch_size"] // 5)),
         quiet=True,
         output=str(run_dir),
     )
@@ -456,7 +498,8 @@ def _train_run(
         "stop_reason": results["stop_reason"],
         "run_dir": str(run_dir),
     }
-    write_json_atomic(output / RESULTS_DIR / f"{name}.json", row)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json_atomic(output / RESULTS_DIR / f"{name}.json", row)
     log.info("%s: validation accuracy %.2f%% in %.0f s", name, 100 * row["val_acc"], row["train_time_s"])
     return row
 
