@@ -331,3 +331,14 @@ def test_flowers102_uses_official_splits_lazily(tmp_path, monkeypatch):
     assert not data.train.in_memory and data.train.sizes[0] == (16, 20)
     image, label = data.test[0]
     assert image.shape == (3, 16, 20) and abs(int(image.float().mean()) - 150) <= 2 and label == 1
+
+
+def test_large_jpegs_decode_at_reduced_scale_keeping_min_side(tmp_path):
+    from effnet.data import ImageSplit
+
+    photo = _save(Image.new("RGB", (2400, 2100), (30, 60, 90)), tmp_path / "photo.jpg")
+    assert read_rgb(photo).shape == (2100, 2400, 3)
+    assert read_rgb(photo, min_side=512).shape == (525, 600, 3)  # 1/4 scale; 1/8 would be < 512
+    assert read_rgb(_save(Image.new("RGB", (900, 700)), tmp_path / "small.jpg"), min_side=512).shape == (700, 900, 3)
+    image, _ = ImageSplit([0], paths=[str(photo)])[0]
+    assert image.shape == (3, 1050, 1200) and abs(image[2].float().mean().item() - 90) < 3

@@ -23,6 +23,8 @@ logger = logging.getLogger("effnet")
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
 SAMPLES_PER_CLASS = 4
+# Lazily decoded JPEGs keep both sides >= this (see read_rgb): ample for EfficientNet-B7's 600 px.
+LAZY_DECODE_MIN_SIDE = 1024
 
 
 def check_policy(on_bad_image: str) -> None:
@@ -37,7 +39,8 @@ def hwc_to_chw(array: np.ndarray) -> torch.Tensor:
 class ImageSplit(Dataset):
     """One split of a data set: `[i] -> (uint8 tensor 3xHxW RGB, int label)`.
 
-    Give `images` (in memory) or `paths` (lazy: decoded on access). In lazy mode every file was
+    Give `images` (in memory) or `paths` (lazy: decoded on access; JPEGs of more than twice
+    LAZY_DECODE_MIN_SIDE are decoded at reduced scale, see `read_rgb`). In lazy mode every file was
     validated when the data were loaded; if one vanishes or breaks during the run, `on_bad_image`
     decides: "fail" raises a RuntimeError naming the file, "skip" logs it once and returns the next
     readable item instead (so a batch keeps its size and the run goes on).
@@ -79,7 +82,7 @@ class ImageSplit(Dataset):
         for offset in range(len(self)):
             item = (index + offset) % len(self)
             try:
-                return hwc_to_chw(read_rgb(self.paths[item])), self.targets[item]
+                return hwc_to_chw(read_rgb(self.paths[item], min_side=LAZY_DECODE_MIN_SIDE)), self.targets[item]
             except BadImageError as error:
                 message = f"{error.path} became unreadable during the run ({error.reason})"
                 if self.on_bad_image == "fail":
