@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from effnet.cli import main
+from effnet.comparison import measure
 from effnet.comparison.finetune import TorchvisionAsEfficientNet
 from effnet.comparison.measure import CompareRow, add_ratios, compare_models
 from effnet.comparison.zoo import ALL_MODELS, DEFAULT_MODELS, describe, resolve_models
@@ -173,3 +174,20 @@ def test_finetune_runs_each_model_and_a_rerun_skips_finished_ones(
         assert main(args) == 0
     assert caplog.text.count("done before") == 2
     assert {path: path.stat().st_mtime_ns for path in folder.glob("*.json")} == finished
+
+
+def test_a_failing_model_is_left_out_and_the_others_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_cost_row = measure.cost_row
+
+    def cost_row(name: str, model: torch.nn.Module | None = None) -> CompareRow:
+        if name == "vgg16":
+            raise RuntimeError("the measuring process died (out of memory?)")
+        return real_cost_row(name, model)
+
+    monkeypatch.setattr(measure, "cost_row", cost_row)
+    assert main(["compare", "--costs-only", "--models", "vgg16,alexnet", "--output", str(tmp_path)]) == 1
+    with open(tmp_path / "compare.csv") as handle:
+        assert [row["name"] for row in csv.DictReader(handle)] == ["alexnet"]
+    assert "vgg16 left out: the measuring process died" in caplog.text

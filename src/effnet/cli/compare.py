@@ -79,7 +79,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(format_table(rows))
     for path in write_report(rows, args.output):
         log.info("wrote %s", path)
-    return 0
+    missing = [name for name in names if name not in {row.name for row in rows}]
+    if missing:
+        log.error("not measured (see the errors above): %s", ", ".join(missing))
+    return 1 if missing else 0
 
 
 def finetune(args: argparse.Namespace, names: list[str]) -> int:

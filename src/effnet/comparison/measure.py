@@ -109,15 +109,20 @@ def compare_models(
     on_row: Callable[[CompareRow], None] | None = None,
 ) -> list[CompareRow]:
     """Rows for `names`, in order, with the ratio columns filled in. Each model is measured in a
-    fresh process, one at a time, so that peak memory is its own and models do not share cores."""
+    fresh process, one at a time, so that peak memory is its own and models do not share cores.
+    A model that fails (out of memory, an input size it rejects) is logged and left out."""
     threads = threads or torch.get_num_threads()
     rows = []
     for index, name in enumerate(names, 1):
         log.info("[%d/%d] %s", index, len(names), name)
-        if costs_only:
-            row = cost_row(name)
-        else:
-            row = run_isolated(measure_model, name, batch_size, repeats, warmup, threads, device)
+        try:
+            if costs_only:
+                row = cost_row(name)
+            else:
+                row = run_isolated(measure_model, name, batch_size, repeats, warmup, threads, device)
+        except (RuntimeError, ValueError) as error:  # one model out of memory must not lose the others
+            log.error("%s left out: %s", name, error)
+            continue
         rows.append(row)
         if on_row:
             on_row(row)
