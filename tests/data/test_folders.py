@@ -342,3 +342,11 @@ def test_large_jpegs_decode_at_reduced_scale_keeping_min_side(tmp_path):
     assert read_rgb(_save(Image.new("RGB", (900, 700)), tmp_path / "small.jpg"), min_side=512).shape == (700, 900, 3)
     image, _ = ImageSplit([0], paths=[str(photo)])[0]
     assert image.shape == (3, 1050, 1200) and abs(image[2].float().mean().item() - 90) < 3
+
+
+def test_memory_limit_decides_between_in_memory_and_lazy(tmp_path):
+    root = make_tree(tmp_path / "tree", splits=("",), per_class=4)  # 12 images of 12 x 10 pixels
+    decoded = 12 * 12 * 10 * 3
+    kwargs = {"data_dir": tmp_path / "cache", "val_split": 0}
+    assert load_data(root, max_memory_bytes=decoded, **kwargs).train.in_memory
+    assert not load_data(root, max_memory_bytes=decoded - 1, **kwargs).train.in_memory

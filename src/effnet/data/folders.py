@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from effnet.data.images import BadImageError, check_image, is_image_file, read_rgb
 from effnet.data.splits import DataSplits, ImageSplit, check_policy, hwc_to_chw, stratified_split
@@ -229,6 +230,20 @@ def _decode_all(files: list[str], max_bytes: int) -> tuple[list[np.ndarray] | No
     return arrays, bad
 
 
+def _estimated_bytes(files: list[str], sample: int = 64) -> float:
+    """Decoded size of all `files`, extrapolated from the headers of an evenly spaced sample, so that
+    folders far too large for memory go lazy at once instead of after decoding a gigabyte."""
+    picked = files[:: max(1, len(files) // sample)]
+    pixels = []
+    for path in picked:
+        try:
+            with Image.open(path) as image:
+                pixels.append(image.width * image.height)
+        except (OSError, SyntaxError, ValueError):
+            continue  # judged properly when decoded
+    return 3 * float(np.mean(pixels)) * len(files) if pixels else 0.0
+
+
 def _decode_cached(files: list[str], cache_dir: Path, max_bytes: int) -> tuple[ImageStore | None, dict, bool]:
     """`_decode_all` with the result cached in `cache_dir`, keyed by every file's path, size and mtime.
 
@@ -237,9 +252,14 @@ def _decode_cached(files: list[str], cache_dir: Path, max_bytes: int) -> tuple[I
     stats = [os.stat(path) for path in files]
     key = _cache_key(DECODED_CACHE_VERSION, files, [(s.st_size, s.st_mtime_ns) for s in stats])
     cache = cache_dir / f"{key}.npz"
-    if cache.is_file() and cache.stat().st_size <= max_bytes + (1 << 20):
+    if cache.is_file():
         with np.load(cache) as stored:
-            return _unpack(stored["pixels"], stored["shapes"]), json.loads(str(stored["bad"])), True
+            shapes = stored["shapes"]
+            if int(shapes.prod(axis=1).sum()) > max_bytes:
+                return None, {}, False
+            return _unpack(stored["pixels"], shapes), json.loads(str(stored["bad"])), True
+    if _estimated_bytes(files) > max_bytes:
+        return None, {}, False
     arrays, bad = _decode_all(files, max_bytes)
     if arrays is None:
         return None, bad, False
