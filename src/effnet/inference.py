@@ -8,6 +8,7 @@ difference, logged), because a silently wrong export is worse than a slow one.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import tempfile
 from pathlib import Path
@@ -16,10 +17,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from effnet import runtime
+
 log = logging.getLogger("effnet")
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 PARITY_TOLERANCE = 1e-4
+# bf16 keeps 8 bits of mantissa: logits agree to about 1% of their range, not to 1e-4.
+BF16_PARITY_TOLERANCE = 5e-2
 
 
 class Engine(Protocol):
@@ -29,17 +34,19 @@ class Engine(Protocol):
 
 
 class TorchEngine:
-    """The model itself, in eval mode, without autograd."""
+    """The model in eval mode, without autograd, batch norms folded into the convolutions and
+    channels-last (`runtime.prepare_inference_model`): the same logits within fp32 rounding."""
 
     name = "torch"
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = runtime.prepare_inference_model(model, self.device)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.to(self.device)).float().cpu()
+        images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.model(images).float().cpu()
 
 
 class OnnxRuntimeEngine:
@@ -67,7 +74,50 @@ class OnnxRuntimeEngine:
         return logits
 
 
-def check_parity(reference: nn.Module, logits: torch.Tensor, images: torch.Tensor, backend: str) -> dict[str, float]:
+class OpenVinoEngine:
+    """The model converted to OpenVINO and compiled for the CPU, in bf16 where the CPU computes
+    bf16 natively (AVX-512 BF16, AMX): the fastest CPU backend measured (benchmarks/README.md).
+    The first batch is also run through PyTorch and the two are compared."""
+
+    name = "openvino"
+
+    def __init__(self, model: nn.Module, img_size: int) -> None:
+        try:
+            import openvino as ov
+        except ImportError as error:
+            raise RuntimeError("backend 'openvino' needs OpenVINO: pip install 'effnet[fast]'") from error
+        self.reference = model.cpu().eval()
+        self.bf16 = runtime.cpu_supports_bf16()
+        example = torch.zeros(1, 3, img_size, img_size)
+        with torch.inference_mode(False), torch.no_grad():
+            converted = ov.convert_model(self.reference, example_input=example, input=[(-1, 3, img_size, img_size)])
+        precision = "bf16" if self.bf16 else "f32"
+        compiled = ov.Core().compile_model(
+            converted, "CPU", {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        )
+        self.request = compiled.create_infer_request()
+        self.parity: dict[str, float] | None = None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        outputs = self.request.infer({0: images.float().cpu().contiguous().numpy()})
+        logits = torch.from_numpy(outputs[0].copy())
+        if self.parity is None:
+            tolerance = BF16_PARITY_TOLERANCE if self.bf16 else PARITY_TOLERANCE
+            self.parity = check_parity(self.reference, logits, images, self.name, tolerance)
+        return logits
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def check_parity(
+    reference: nn.Module,
+    logits: torch.Tensor,
+    images: torch.Tensor,
+    backend: str,
+    tolerance: float = PARITY_TOLERANCE,
+) -> dict[str, float]:
     """Compare a backend's logits with PyTorch's on the same batch; log and return the figures."""
     with torch.inference_mode():
         expected = reference.eval()(images.to(next(reference.parameters()).device)).float().cpu()
@@ -82,10 +132,10 @@ def check_parity(reference: nn.Module, logits: torch.Tensor, images: torch.Tenso
         report["batch"],
         100 * report["top1_agreement"],
         report["max_abs_diff"],
-        PARITY_TOLERANCE,
+        tolerance,
     )
-    if report["max_abs_diff"] > PARITY_TOLERANCE:
-        log.warning("%s differs from PyTorch by more than %.0e", backend, PARITY_TOLERANCE)
+    if report["max_abs_diff"] > tolerance:
+        log.warning("%s differs from PyTorch by more than %.0e", backend, tolerance)
     return report
 
 
@@ -98,8 +148,9 @@ def create_engine(
     """An `Engine` for `model` (a module, or the path of an exported .onnx file).
 
     backend: 'torch', 'onnxruntime' (a module is exported to a temporary ONNX file first, at
-    `img_size`, with a dynamic batch size) or 'auto' (the backend that fits: ONNX Runtime for an
-    .onnx file, PyTorch for a module).
+    `img_size`, with a dynamic batch size), 'openvino' (converted in memory) or 'auto' (the
+    backend that fits: ONNX Runtime for an .onnx file; for a module on the CPU OpenVINO when it is
+    installed, the fastest measured, else PyTorch).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -107,11 +158,15 @@ def create_engine(
         if backend == "torch":
             raise ValueError(f"{model} is an exported ONNX file: use --backend onnxruntime (or auto)")
         return OnnxRuntimeEngine(model)
-    if backend in ("auto", "torch"):
+    size = img_size or model.config.preprocess.input_size
+    if backend == "auto":
+        backend = "openvino" if torch.device(device).type == "cpu" and openvino_available() else "torch"
+    if backend == "torch":
         return TorchEngine(model, device)
+    if backend == "openvino":
+        return OpenVinoEngine(model, size)
     from effnet.export import export_onnx
 
-    size = img_size or model.config.preprocess.input_size
     with tempfile.TemporaryDirectory(prefix="effnet-onnx-") as folder:
         # ONNX Runtime reads the whole file when the session is made; the file can go afterwards.
         path = export_onnx(model.cpu().eval(), Path(folder) / "model.onnx", img_size=size)

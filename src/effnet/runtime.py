@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from effnet.models import fused
+
 
 def pick_device(requested: str = "auto") -> torch.device:
     """'auto' picks cuda, then mps, then cpu; anything else is passed to torch.device."""
@@ -68,10 +70,25 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
         yield
 
 
-def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = True) -> nn.Module:
+def prepare_model(
+    model: nn.Module, device: torch.device, channels_last: bool = True, memory_efficient: bool = True
+) -> nn.Module:
     """Move to `device` and, by default, the channels-last memory format that oneDNN and cuDNN
-    run depthwise and 1x1 convolutions fastest in."""
+    run depthwise and 1x1 convolutions fastest in.
+
+    `memory_efficient` fuses each batch norm with its activation (`models.fused.memory_efficient`):
+    the same numbers and state dict, one stored activation and one copy less per layer in training
+    (about a third less peak memory for a B0 training step, see benchmarks/README.md)."""
+    if memory_efficient:
+        fused.memory_efficient(model)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def prepare_inference_model(model: nn.Module, device: torch.device, channels_last: bool = True) -> nn.Module:
+    """An eval-mode copy for inference: batch norms folded into the convolutions (fewer passes over
+    memory, same logits within fp32 rounding), channels-last. Run it; do not save it (its state
+    dict has conv biases instead of batch norms)."""
+    return prepare_model(fused.fold_batchnorm(model), device, channels_last, memory_efficient=False).eval()

@@ -1,0 +1,205 @@
+"""Our EfficientNet against timm's and torchvision's, timed side by side in one process.
+
+Absolute speed on a shared machine drifts by more than the differences we care about, so every
+comparison here runs all implementations in the same process, alternating one call each per
+round after a warm-up, and reports medians, spreads and ratios of the same run. `effnet bench`
+and `benchmarks/bench_speed.py` are thin layers over this module.
+
+"ours (default)" is exactly what `effnet train` and `effnet predict` run without options:
+`runtime.prepare_model` and `runtime.autocast_dtype("auto")` with the optimizer `effnet train`
+builds, and `inference.create_engine(backend="auto")`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effnet import runtime
+from effnet.models import create_model
+from effnet.profiling import Timing, peak_memory_bytes, reset_peak_memory, run_isolated, time_calls
+
+PEERS = ("timm", "torchvision")
+MODES = ("infer", "train")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a model is run: 'fp32' or 'bf16' (autocast), and the memory format."""
+
+    precision: str = "bf16"
+    channels_last: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"{self.precision} {'channels_last' if self.channels_last else 'contiguous'}"
+
+
+BEST_PEER_SETTING = Setting("bf16", True)  # the peers' fastest eager setting on CPUs with bf16
+
+
+def build_peer(peer: str, variant: str, num_classes: int = 1000) -> nn.Module:
+    """timm's or torchvision's model of the same name, randomly initialised (speed does not depend on the weights)."""
+    if peer == "timm":
+        import timm
+
+        return timm.create_model(variant, num_classes=num_classes)
+    if peer == "torchvision":
+        import torchvision
+
+        if not hasattr(torchvision.models, variant):
+            raise ValueError(f"torchvision has no model {variant!r}; compare it against timm only (--against timm)")
+        return getattr(torchvision.models, variant)(num_classes=num_classes)
+    raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+
+
+def _batch(batch_size: int, img_size: int, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, img_size, img_size, generator=generator)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, torch.randint(0, 10, (batch_size,), generator=generator)
+
+
+def _autocast(setting: Setting) -> contextlib.AbstractContextManager:
+    dtype = torch.bfloat16 if setting.precision == "bf16" else None
+    return runtime.autocast(torch.device("cpu"), dtype)
+
+
+def plain_inference(model: nn.Module, batch_size: int, img_size: int, setting: Setting) -> Callable[[], object]:
+    """An eager forward pass as users of timm/torchvision write it, at `setting`."""
+    model = runtime.prepare_model(model, torch.device("cpu"), setting.channels_last, memory_efficient=False).eval()
+    images, _ = _batch(batch_size, img_size, setting.channels_last)
+
+    def call() -> object:
+        with torch.inference_mode(), _autocast(setting):
+            return model(images)
+
+    return call
+
+
+def plain_training(model: nn.Module, batch_size: int, img_size: int, setting: Setting) -> Callable[[], object]:
+    """An eager training step (forward, cross-entropy, backward, SGD Nesterov update) at `setting`."""
+    model = runtime.prepare_model(model, torch.device("cpu"), setting.channels_last, memory_efficient=False).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+    return _training_step(model, optimizer, batch_size, img_size, setting)
+
+
+def _training_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int, img_size: int, setting: Setting
+) -> Callable[[], object]:
+    images, labels = _batch(batch_size, img_size, setting.channels_last)
+
+    def step() -> object:
+        with _autocast(setting):
+            loss = F.cross_entropy(model(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def default_precision() -> str:
+    return "bf16" if runtime.autocast_dtype(torch.device("cpu"), "auto") is torch.bfloat16 else "fp32"
+
+
+def ours_inference(model: nn.Module, batch_size: int, img_size: int) -> tuple[Callable[[], object], str]:
+    """What `effnet predict` runs by default: the engine 'auto' picks. Returns (call, engine name)."""
+    from effnet.inference import create_engine
+
+    engine = create_engine(model, backend="auto", img_size=img_size)
+    images, _ = _batch(batch_size, img_size, channels_last=False)
+    return (lambda: engine(images)), engine.name
+
+
+def ours_training(model: nn.Module, batch_size: int, img_size: int) -> Callable[[], object]:
+    """What `effnet train` runs by default: `runtime.prepare_model`, the 'auto' precision and the
+    optimizer `effnet train` builds from its default `TrainConfig`."""
+    from effnet.training.config import TrainConfig
+    from effnet.training.finetune import build_optimizer, param_groups
+
+    config = TrainConfig()
+    model = runtime.prepare_model(model, torch.device("cpu"), config.channels_last).train()
+    optimizer = build_optimizer(param_groups(model, config), config, lr=1e-3)
+    setting = Setting(default_precision(), config.channels_last)
+    return _training_step(model, optimizer, batch_size, img_size, setting)
+
+
+def ours_at_setting(
+    model: nn.Module, mode: str, batch_size: int, img_size: int, setting: Setting
+) -> Callable[[], object]:
+    """Our optimised eager path forced to `setting`: batch norm folded for inference, fused
+    batch norm + activation for training."""
+    device = torch.device("cpu")
+    if mode == "infer":
+        folded = runtime.prepare_inference_model(model, device, setting.channels_last)
+        return plain_inference(folded, batch_size, img_size, setting)
+    model = runtime.prepare_model(model, device, setting.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+    return _training_step(model, optimizer, batch_size, img_size, setting)
+
+
+def time_alternating(
+    calls: dict[str, Callable[[], object]], batch_size: int, rounds: int = 5, warmup: int = 2
+) -> dict[str, Timing]:
+    """Time each call once per round, taking turns, so that the machine's drifts hit all alike."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            seconds[name] += time_calls(call, batch_size, warmup=0, repeats=1).seconds
+    return {name: Timing(values, batch_size) for name, values in seconds.items()}
+
+
+def build(impl: str, variant: str, num_classes: int = 1000) -> nn.Module:
+    if impl in PEERS:
+        return build_peer(impl, variant, num_classes)
+    return create_model(variant, num_classes=num_classes)
+
+
+def training_peak_memory(impl: str, variant: str, batch_size: int, img_size: int, setting: Setting | None) -> int:
+    """Peak resident memory of training steps above the footprint before the model was built
+    (bytes), measured in this process: call it through `isolated_training_peak_memory`.
+    `setting` None means our default training path."""
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    baseline = reset_peak_memory(device)
+    model = build(impl, variant)
+    step = (
+        ours_training(model, batch_size, img_size)
+        if setting is None
+        else plain_training(model, batch_size, img_size, setting)
+    )
+    for _ in range(2):  # momentum buffers appear at the first step
+        step()
+    return peak_memory_bytes(device) - baseline
+
+
+def isolated_training_peak_memory(
+    impl: str, variant: str, batch_size: int, img_size: int, setting: Setting | None
+) -> int:
+    """`training_peak_memory` in a fresh process, so no earlier model's freed memory is reused unseen."""
+    return run_isolated(training_peak_memory, impl, variant, batch_size, img_size, setting)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"CPU {cpu}, {torch.get_num_threads()} threads, bf16 native: {runtime.cpu_supports_bf16()}, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
