@@ -1,0 +1,123 @@
+"""Our EfficientNet against timm's and torchvision's: inference, training step and training memory.
+
+Every implementation runs in this one process, alternating one call each per round after a
+warm-up, at the same variant, batch, resolution, precision and memory format; we print the median
+images/s, the spread (slowest-fastest run) and ours/peer ratios measured in the same run. "ours
+(default)" is what `effnet predict` / `effnet train` run without options (see effnet.benchmark);
+the other rows force each setting on every implementation. Peak training memory is measured in a
+fresh process per configuration (peak RSS above the footprint before the model was built).
+
+    python benchmarks/bench_speed.py --quick     # B0 224 b32, default vs the peers' best setting (~10 min)
+    python benchmarks/bench_speed.py             # all configurations and settings (an hour or more)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from effnet import benchmark
+from effnet.benchmark import Setting
+from effnet.profiling import Timing
+
+CONFIGS = [("efficientnet_b0", 224, 32), ("efficientnet_b0", 128, 64), ("efficientnet_b3", 300, 8)]
+SETTINGS = [Setting(precision, channels_last) for precision in ("fp32", "bf16") for channels_last in (False, True)]
+IMPLEMENTATIONS = ("ours", *benchmark.PEERS)
+TARGETS = {"infer": 2.0, "train": 1.5, "memory": 0.6}
+
+
+def mode_calls(variant: str, size: int, batch: int, mode: str, settings: list[Setting]) -> dict[str, object]:
+    """The calls timed together for one configuration and mode: our default path, then each
+    implementation at each setting."""
+    torch.manual_seed(0)
+    calls = {}
+    if mode == "infer":
+        calls["ours default"], engine = benchmark.ours_inference(benchmark.build("ours", variant), batch, size)
+        print(f"  ours default = {engine} engine")
+    else:
+        calls["ours default"] = benchmark.ours_training(benchmark.build("ours", variant), batch, size)
+        print(f"  ours default = fused batch norm, {benchmark.default_precision()}, channels_last")
+    plain = benchmark.plain_inference if mode == "infer" else benchmark.plain_training
+    for setting in settings:
+        calls[f"ours {setting.label}"] = benchmark.ours_at_setting(
+            benchmark.build("ours", variant), mode, batch, size, setting
+        )
+        for peer in benchmark.PEERS:
+            calls[f"{peer} {setting.label}"] = plain(benchmark.build_peer(peer, variant), batch, size, setting)
+    return calls
+
+
+def print_timings(timings: dict[str, Timing], settings: list[Setting], mode: str) -> dict[str, float]:
+    """The table of one mode, and the headline ratios: ours at each setting (and our default)
+    against the faster peer at the same setting (the default against the peers' best setting)."""
+    print(f"  {'implementation / setting':34} {'images/s':>9} {'spread':>13}")
+    for name, timing in timings.items():
+        low, high = timing.spread
+        print(f"  {name:34} {timing.images_per_second:9.1f} {f'{low:.1f}-{high:.1f}':>13}")
+    speed = {name: timing.images_per_second for name, timing in timings.items()}
+    ratios = {}
+    for setting in settings:
+        best_peer = max(speed[f"{peer} {setting.label}"] for peer in benchmark.PEERS)
+        ratios[setting.label] = speed[f"ours {setting.label}"] / best_peer
+    best_label = benchmark.BEST_PEER_SETTING.label
+    best_peer = max(speed[f"{peer} {best_label}"] for peer in benchmark.PEERS)
+    ratios["default vs peers' best"] = speed["ours default"] / best_peer
+    for label, ratio in ratios.items():
+        print(f"  ratio ours/faster peer, {label:28} {ratio:5.2f}x  (target >= {TARGETS[mode]}x)")
+    return ratios
+
+
+def memory_ratio(variant: str, size: int, batch: int) -> dict[str, float]:
+    """Peak training-step memory of our default path and of each peer at its best setting."""
+    peaks = {"ours default": benchmark.isolated_training_peak_memory("ours", variant, batch, size, None)}
+    for peer in benchmark.PEERS:
+        peaks[peer] = benchmark.isolated_training_peak_memory(peer, variant, batch, size, benchmark.BEST_PEER_SETTING)
+    for name, peak in peaks.items():
+        print(f"  peak training memory {name:13} {peak / 2**20:8.0f} MiB")
+    ratio = peaks["ours default"] / min(peaks[peer] for peer in benchmark.PEERS)
+    print(f"  ratio ours/leaner peer ({benchmark.BEST_PEER_SETTING.label}) {ratio:5.2f}x  (target <= 0.6x)")
+    return {"peaks_mib": {k: v / 2**20 for k, v in peaks.items()}, "ratio": ratio}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="B0 224 b32 only, the peers' best setting only")
+    parser.add_argument("--rounds", type=int, help="alternating timed rounds (default 5, quick 3)")
+    parser.add_argument("--modes", default="infer,train,memory")
+    parser.add_argument("--json", help="also write all figures here")
+    args = parser.parse_args()
+    configs = CONFIGS[:1] if args.quick else CONFIGS
+    settings = [benchmark.BEST_PEER_SETTING] if args.quick else SETTINGS
+    rounds = args.rounds or (3 if args.quick else 5)
+    modes = args.modes.split(",")
+    print(benchmark.machine_description())
+    print(f"rounds {rounds} (alternating, after 2 warm-up calls each); images/s are medians")
+    results: dict[str, dict] = {}
+    for variant, size, batch in configs:
+        key = f"{variant} {size}px b{batch}"
+        results[key] = {}
+        for mode in modes:
+            start = time.perf_counter()
+            print(f"\n{key}: {mode}")
+            if mode == "memory":
+                results[key][mode] = memory_ratio(variant, size, batch)
+            else:
+                calls = mode_calls(variant, size, batch, mode, settings)
+                timings = benchmark.time_alternating(calls, batch, rounds=rounds)
+                ratios = print_timings(timings, settings, mode)
+                results[key][mode] = {
+                    "images_per_second": {name: t.images_per_second for name, t in timings.items()},
+                    "spread": {name: t.spread for name, t in timings.items()},
+                    "ratios": ratios,
+                }
+            print(f"  ({time.perf_counter() - start:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"machine": benchmark.machine_description(), "results": results}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
