@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -40,6 +41,11 @@ def test_onnx_export_b0_parity_dynamic_batch_and_metadata(tmp_path: Path) -> Non
         expected = model(images).detach()
         assert expected.std() > 1e-2
         assert np.abs(engine(images).numpy() - expected.numpy()).max() <= 1e-4
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph, full_check=True)
+    ops = {node.op_type for node in graph.graph.node}
+    assert {node.domain for node in graph.graph.node} <= {"", "ai.onnx"}  # standard operators only
+    assert "Sigmoid" in ops and "Mul" in ops  # swish (x * sigmoid(x)) and the SE gate, as plain ops
     metadata = read_onnx_metadata(path)
     assert metadata["class_names"] == CLASSES and metadata["preprocess"]["input_size"] == 64
     assert metadata["preprocess"]["mean"] == pytest.approx([0.485, 0.456, 0.406])

@@ -65,7 +65,7 @@ def test_metrics_match_sklearn_with_classes_never_predicted() -> None:
 
 def test_eval_cli_on_a_trained_run(tiny_run, tmp_path, capsys) -> None:
     output = tmp_path / "eval"
-    assert main(["eval", str(tiny_run), "--output", str(output)]) == 0
+    assert main(["eval", str(tiny_run), "--output", str(output), "--backend", "torch"]) == 0
     result = json.loads((output / "eval.json").read_text())
     saved = np.load(output / "predictions.npz")
     assert result["split"] == "test" and result["data"].startswith("digits")
@@ -88,8 +88,8 @@ def test_eval_cli_on_a_trained_run(tiny_run, tmp_path, capsys) -> None:
 
 def test_eval_tta_and_other_resolution(tiny_run, tmp_path) -> None:
     output = tmp_path / "eval-tta"
-    assert main(["eval", str(tiny_run / "best.pt"), "--data", "digits", "--output", str(output), "--tta",
-                 "--img-size", "40", "--split", "val", "--data-dir", str(tmp_path / "data")]) == 0  # fmt: skip
+    arguments = ["--data", "digits", "--data-dir", str(tmp_path), "--output", str(output), "--backend", "torch"]
+    assert main(["eval", str(tiny_run / "best.pt"), *arguments, "--tta", "--img-size", "40", "--split", "val"]) == 0
     result = json.loads((output / "eval.json").read_text())
     assert (result["tta"], result["img_size"], result["split"]) == (True, 40, "val")
     saved = np.load(output / "predictions.npz")

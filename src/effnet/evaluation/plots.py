@@ -89,8 +89,8 @@ def plot_confusion(
 
 
 def plot_reliability(bins: list[dict], ece: float) -> Figure:
-    """Accuracy against confidence per bin (a calibrated model follows the diagonal), with the share
-    of samples per bin below."""
+    """Accuracy per confidence bin (bars) against the bin's mean confidence (red line): a calibrated
+    model's bars reach their red lines and follow the diagonal. The share of samples per bin below."""
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.5), height_ratios=[3, 1], sharex=True)
     lower = np.array([b["lower"] for b in bins])
     width = bins[0]["upper"] - bins[0]["lower"]
@@ -98,16 +98,14 @@ def plot_reliability(bins: list[dict], ece: float) -> Figure:
     confidence = np.array([b["confidence"] if b["count"] else 0.0 for b in bins])
     counts = np.array([b["count"] for b in bins])
     top.bar(lower, accuracy, width=width, align="edge", color="#4C78A8", edgecolor="white", label="accuracy")
-    top.bar(
-        lower,
-        confidence - accuracy,
-        bottom=accuracy,
-        width=width,
-        align="edge",
-        color="#E45756",
-        alpha=0.35,
-        edgecolor="none",
-        label="gap to confidence",
+    filled = counts > 0
+    top.hlines(
+        confidence[filled],
+        lower[filled],
+        lower[filled] + width,
+        colors="#E45756",
+        linewidth=2.5,
+        label="mean confidence in bin",
     )
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     top.set_ylabel("accuracy")

@@ -49,6 +49,7 @@ tr:nth-child(even) td { background:#fafbfc; }
 .grid2 { display:grid; grid-template-columns:1fr 1fr; gap:16px; align-items:start; }
 figure { margin:0; }
 figure img { max-width:100%; height:auto; border:1px solid var(--line); border-radius:6px; background:white; }
+.narrow figure img { max-width:720px; }
 figcaption { color:var(--muted); font-size:13px; margin-top:4px; }
 .muted { color:var(--muted); }
 code { background:#eef2f7; padding:1px 5px; border-radius:4px; font-size:13px; }
@@ -114,6 +115,15 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+def _count(value: int) -> str:
+    """1234 -> '1.2 k', 5288548 -> '5.29 M', 390e6 -> '390 M', 1.8e9 -> '1.80 G'."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            number = value / scale
+            return f"{number:.3g} {unit}" if number < 100 else f"{number:,.0f} {unit}"
+    return str(value)
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -140,8 +150,8 @@ def render(
         (f"{split} top-5", _pct(evaluation["top5"])),
         ("macro F1", f"{evaluation['macro']['f1']:.3f}"),
         ("calibration error", _pct(evaluation["ece"])),
-        ("parameters", f"{params / 1e6:.2f} M"),
-        (f"MACs at {size}px", f"{macs / 1e6:,.0f} M"),
+        ("parameters", _count(params)),
+        (f"MACs at {size}px", _count(macs)),
         ("training time", _duration(results.get("wall_time_s"))),
     ]
     cards_html = "".join(
@@ -215,10 +225,11 @@ def render(
 <section><h2>Confusion matrices</h2><div class="grid2">
 {figure("confusion_counts", "Counts: rows are true classes, columns predicted")}
 {figure("confusion_normalised", "Row-normalised: each row sums to 1 (recall on the diagonal)")}</div></section>
-<section><h2>Most confidently wrong</h2>{figure("top_losses", "Misclassified images with the highest loss")}</section>
+<section class="narrow"><h2>Most confidently wrong</h2>
+{figure("top_losses", "Misclassified images with the highest loss")}</section>
 <section><h2>Calibration</h2><div class="grid2">{figure("reliability", "Reliability diagram")}
 <p>Expected calibration error: <b>{_pct(evaluation["ece"])}</b>, the average gap between confidence and accuracy,
-weighted by the share of images in each confidence bin. A well calibrated model's bars follow the diagonal;
+weighted by the share of images in each confidence bin. A well calibrated model's bars reach their red lines;
 bars below it mean over-confidence.</p></div></section>
 <section><h2>Data set</h2><p>{html.escape(summary["source"])}: {summary["num_classes"]} classes,
 {summary["bad_images"]} unreadable image(s) left out.</p>
