@@ -132,15 +132,20 @@ def search(settings: SearchSettings) -> SearchResult:
             if twin is not None:  # e.g. the depth-only point that is also a grid candidate
                 finished[name] = _reuse(twin, spec, seed, output)
                 continue
-            # The plan's estimate, corrected by how much slower than it the runs so far have been.
-            estimate = _estimate_seconds(plan, plan["measured"][spec.key]["macs"])
-            estimate *= statistics.median(slowdown) if slowdown else 1.0
-            if time.perf_counter() + estimate > deadline:
+            # The plan's estimates, corrected by how much slower than them the runs so far were.
+            correction = statistics.median(slowdown) if slowdown else 1.0
+            estimate = _estimate_seconds(plan, plan["measured"][spec.key]["macs"]) * correction
+            # Candidates come in spread-out order, so dropping the last ones keeps the rest spread;
+            # the single-dimension study keeps its share of the budget.
+            reserve = _study_seconds(plan, finished, settings) * correction if spec.kind == "candidate" else 0.0
+            if time.perf_counter() + estimate + reserve > deadline:
                 log.warning(
-                    "budget of %g min used up before %s (about %.0f s); rerun the same command to continue",
+                    "budget of %g min: no time left for %s (about %.0f s)%s; rerun the same command with a larger "
+                    "--budget-minutes to train it",
                     settings.budget_minutes,
                     name,
                     estimate,
+                    " after keeping the single-dimension study's share" if reserve else "",
                 )
                 complete = False
                 break
@@ -150,8 +155,6 @@ def search(settings: SearchSettings) -> SearchResult:
             else:
                 finished[name] = train_run(spec, seed, plan, data, output, settings.workers)
             slowdown.append((time.perf_counter() - tick) / _estimate_seconds(plan, plan["measured"][spec.key]["macs"]))
-        if not complete:
-            break
     rows = report.table_rows(plan, finished, settings.seeds)
     chosen = report.choose(rows)
     coefficients_file = report.write_all(output, plan, rows, chosen, complete and _all_done(plan, finished, settings))
@@ -239,7 +242,12 @@ def make_plan(settings: SearchSettings, splits: DataSplits, started: float) -> d
             f"one candidate at {per_candidate:.2f} min each (about {need:.1f} min needed). Raise --budget-minutes, "
             "lower --minutes-per-candidate, or drop the study with --study-phis ''."
         )
-    chosen = spread_subset(matched, count, covered=_corners(settings.target))
+    # The paper's ImageNet coefficients are trained first, as the reference the others must beat.
+    paper = architecture_key(proxy.config(PAPER_COEFFICIENTS))
+    first = [PAPER_COEFFICIENTS] if PAPER_COEFFICIENTS in grid else []
+    matched = [p for p in matched if architecture_key(proxy.config(p)) != paper]
+    networks = [p for p in networks if architecture_key(proxy.config(p)) != paper] + first
+    chosen = first + spread_subset(matched, count - len(first), covered=_corners(settings.target))
     if len(chosen) < count:
         rest = [p for p in networks if p not in chosen]
         chosen += spread_subset(rest, count - len(chosen), covered=_corners(settings.target) + tuple(chosen))
@@ -345,7 +353,7 @@ def _pending(plan: dict[str, Any], finished: dict[str, dict], settings: SearchSe
     for spec in plan["study"]:
         yield _spec_from_dict(spec)
     chosen = report.choose(report.table_rows(plan, finished, settings.seeds))
-    if chosen is None or not _candidates_done(plan, finished, settings):
+    if chosen is None:
         return
     best = Coefficients(chosen["alpha"], chosen["beta"], chosen["gamma"])
     for phi in settings.study_phis:
@@ -358,9 +366,19 @@ def _pending(plan: dict[str, Any], finished: dict[str, dict], settings: SearchSe
         yield spec
 
 
-def _candidates_done(plan: dict[str, Any], finished: dict[str, dict], settings: SearchSettings) -> bool:
-    keys = [RunSpec("candidate", Coefficients(**p), 1.0).key for p in plan["candidates"]]
-    return all(f"{key}_s{seed}" in finished for key in keys for seed in range(settings.seeds))
+def _study_seconds(plan: dict[str, Any], finished: dict[str, dict], settings: SearchSettings) -> float:
+    """Estimated time of the study runs not finished yet, compound scaling included."""
+    base_macs = plan["measured"][plan["baseline_key"]]["macs"]
+    total = 0.0
+    for seed in range(settings.seeds):
+        for study in map(_spec_from_dict, plan["study"]):
+            if f"{study.key}_s{seed}" not in finished:
+                total += _estimate_seconds(plan, plan["measured"][study.key]["macs"])
+        for phi in settings.study_phis:
+            suffix = f"_phi{phi:g}_s{seed}"
+            if phi != 1.0 and not any(k.startswith("compound_") and k.endswith(suffix) for k in finished):
+                total += _estimate_seconds(plan, base_macs * settings.target**phi)
+    return total
 
 
 def _all_done(plan: dict[str, Any], finished: dict[str, dict], settings: SearchSettings) -> bool:
