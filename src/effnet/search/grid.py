@@ -45,7 +45,12 @@ PAPER_COEFFICIENTS = Coefficients(PAPER_ALPHA, PAPER_BETA, PAPER_GAMMA)
 
 def within_constraint(point: Coefficients, target: float, tolerance: float) -> bool:
     """`tolerance` is relative: |alpha*beta^2*gamma^2 / target - 1| <= tolerance."""
-    return abs(point.flops_factor / target - 1) <= tolerance + 1e-9
+    return factor_within(point.flops_factor, target, tolerance)
+
+
+def factor_within(factor: float, target: float, tolerance: float) -> bool:
+    """A FLOPs factor (ideal or measured) within relative `tolerance` of `target`, boundary included."""
+    return abs(factor / target - 1) <= tolerance + 1e-9
 
 
 def coefficient_grid(step: float = 0.05, target: float = 2.0, tolerance: float = 0.1) -> list[Coefficients]:

@@ -29,7 +29,7 @@ import torch
 from effnet.data import DataSplits, ImageSplit, load_data, stratified_split
 from effnet.models.efficientnet import EfficientNet
 from effnet.profiling import time_calls
-from effnet.search.grid import PAPER_COEFFICIENTS, Coefficients, coefficient_grid, spread_subset, within_constraint
+from effnet.search.grid import PAPER_COEFFICIENTS, Coefficients, coefficient_grid, factor_within, spread_subset
 from effnet.search.proxy import Proxy, architecture_key, measure
 from effnet.training import engine
 from effnet.training.config import TrainConfig
@@ -207,15 +207,11 @@ def make_plan(settings: SearchSettings, splits: DataSplits, started: float) -> d
     networks = list(distinct.values())
     for point in networks:
         measured[RunSpec("candidate", point, 1.0).key] = _measure(proxy, RunSpec("candidate", point, 1.0))
-    matched = [
-        p
-        for p in networks
-        if within_constraint(
-            Coefficients(measured[RunSpec("candidate", p, 1.0).key]["macs"] / base_macs, 1, 1),
-            settings.target,
-            settings.tolerance,
-        )
-    ]
+
+    def measured_factor(point: Coefficients) -> float:
+        return measured[RunSpec("candidate", point, 1.0).key]["macs"] / base_macs
+
+    matched = [p for p in networks if factor_within(measured_factor(p), settings.target, settings.tolerance)]
 
     study = _study_specs(settings)
     for spec in study:
@@ -242,15 +238,7 @@ def make_plan(settings: SearchSettings, splits: DataSplits, started: float) -> d
             f"one candidate at {per_candidate:.2f} min each (about {need:.1f} min needed). Raise --budget-minutes, "
             "lower --minutes-per-candidate, or drop the study with --study-phis ''."
         )
-    # The paper's ImageNet coefficients are trained first, as the reference the others must beat.
-    paper = architecture_key(proxy.config(PAPER_COEFFICIENTS))
-    first = [PAPER_COEFFICIENTS] if PAPER_COEFFICIENTS in grid else []
-    matched = [p for p in matched if architecture_key(proxy.config(p)) != paper]
-    networks = [p for p in networks if architecture_key(proxy.config(p)) != paper] + first
-    chosen = first + spread_subset(matched, count - len(first), covered=_corners(settings.target))
-    if len(chosen) < count:
-        rest = [p for p in networks if p not in chosen]
-        chosen += spread_subset(rest, count - len(chosen), covered=_corners(settings.target) + tuple(chosen))
+    chosen = _select_candidates(proxy, grid, networks, matched, count, settings.target)
     train_images = settings.train_images or _images_for(per_candidate, ips, settings)
     train_images = min(train_images, len(splits.train))
     note = (
@@ -283,6 +271,27 @@ def make_plan(settings: SearchSettings, splits: DataSplits, started: float) -> d
         "class_names": splits.class_names,
         "source": splits.source,
     }
+
+
+def _select_candidates(
+    proxy: Proxy,
+    grid: list[Coefficients],
+    networks: list[Coefficients],
+    matched: list[Coefficients],
+    count: int,
+    target: float,
+) -> list[Coefficients]:
+    """The paper's coefficients first (the reference to beat), then networks whose measured FLOPs
+    factor is within tolerance, then the others, each spread over the FLOPs split; the three pure
+    corners are left to the single-dimension study."""
+    paper = architecture_key(proxy.config(PAPER_COEFFICIENTS))
+    first = [PAPER_COEFFICIENTS] if PAPER_COEFFICIENTS in grid else []
+    others = [p for p in networks if architecture_key(proxy.config(p)) != paper]
+    chosen = first + spread_subset([p for p in matched if p in others], count - len(first), covered=_corners(target))
+    if len(chosen) < count:
+        rest = [p for p in others if p not in chosen]
+        chosen += spread_subset(rest, count - len(chosen), covered=_corners(target) + tuple(chosen))
+    return chosen
 
 
 def _study_specs(settings: SearchSettings) -> list[RunSpec]:
