@@ -40,6 +40,7 @@ PLAN_FILE = "plan.json"
 RESULTS_DIR = "results"
 STUDY_DIMENSIONS = ("depth", "width", "resolution")
 MIN_CANDIDATE_MINUTES = 1.0  # below this a CPU proxy learns too little to rank candidates
+RUN_GUARD_FACTOR = 4.0  # fit's max_minutes = this x the run's estimate
 RUN_OVERHEAD_S = 5.0  # fit's set-up and checkpoints per run, measured on the tiny test search
 # Recipe fields a rerun must share with the saved plan: changing them would mix incomparable runs.
 RECIPE_FIELDS = ("data", "proxy", "grid_step", "target", "tolerance", "seeds", "epochs", "val_images", "study_phis")
@@ -498,7 +499,9 @@ def train_run(
         precision=recipe["precision"],
         seed=seed,
         workers=workers,
-        max_minutes=max(1.5 * estimate / 60, 0.2),  # a guard: the image count sets the length
+        # Every run sees the same images; the clock only guards against a run gone astray (a slow,
+        # shared machine is handled by dropping candidates, not by cutting runs short).
+        max_minutes=max(RUN_GUARD_FACTOR * estimate / 60, 0.5),
         warmup_steps=min(50, max(1, plan["train_images"] // recipe["batch_size"] // 5)),
         quiet=True,
         output=str(run_dir),
