@@ -95,7 +95,12 @@ def extract_archive(archive: str | Path, data_dir: str | Path) -> Path:
                     tar.extractall(staging, filter="data")
             except tarfile.FilterError as error:
                 raise ValueError(f"{archive}: unsafe archive member refused ({error})") from None
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # Another process (e.g. another rank of a distributed run) finished extracting first.
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"{archive}: cannot extract ({type(error).__name__}: {error})") from None
     finally:
