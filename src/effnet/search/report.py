@@ -12,7 +12,8 @@ from typing import Any
 
 import effnet
 from effnet.search.grid import PAPER_COEFFICIENTS, Coefficients
-from effnet.search.runner import RunSpec, write_json_atomic
+from effnet.search.runner import RunSpec
+from effnet.training.checkpoint import write_json
 
 RECIPE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "augment", "precision", "seeds")
 COLUMNS = (
@@ -120,7 +121,7 @@ def write_all(
     if chosen is None:
         return None
     path = output / "coefficients.json"
-    write_json_atomic(path, coefficients_record(plan, rows, chosen, complete))
+    write_json(path, coefficients_record(plan, rows, chosen, complete))
     return path
 
 

@@ -17,7 +17,6 @@ import os
 import shlex
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from effnet.profiling import time_calls
 from effnet.search.grid import PAPER_COEFFICIENTS, Coefficients, coefficient_grid, factor_within, spread_subset
 from effnet.search.proxy import Proxy, architecture_key, measure
 from effnet.training import engine
+from effnet.training.checkpoint import write_json
 from effnet.training.config import TrainConfig
 
 log = logging.getLogger("effnet")
@@ -178,7 +178,7 @@ def _load_or_make_plan(settings: SearchSettings, splits: DataSplits, output: Pat
         log.info("continuing the search planned in %s", plan_file)
         return plan
     plan = make_plan(settings, splits, started)
-    write_json_atomic(plan_file, plan)
+    write_json(plan_file, plan)
     return plan
 
 
@@ -372,7 +372,7 @@ def _pending(plan: dict[str, Any], finished: dict[str, dict], settings: SearchSe
             continue  # the chosen candidate itself
         if spec.key not in plan["measured"]:
             plan["measured"][spec.key] = _measure(Proxy(**plan["recipe"]["proxy"]), spec)
-            write_json_atomic(Path(settings.output) / PLAN_FILE, plan)
+            write_json(Path(settings.output) / PLAN_FILE, plan)
         yield spec
 
 
@@ -431,7 +431,7 @@ def _reuse(twin: dict[str, Any], spec: RunSpec, seed: int, output: Path) -> dict
     name = f"{spec.key}_s{seed}"
     row = twin | {"run": name, "kind": spec.kind, "phi": spec.phi, "same_as": twin["run"]}
     row |= dataclasses.asdict(spec.coefficients)
-    write_json_atomic(output / RESULTS_DIR / f"{name}.json", row)
+    write_json(output / RESULTS_DIR / f"{name}.json", row)
     log.info("%s builds the same network as %s: its result is reused", name, twin["run"])
     return row
 
@@ -526,10 +526,11 @@ def train_run(
         "train_images_seen": sum(r["images_per_s"] * r["epoch_time_s"] for r in fitted.history),
         "train_time_s": results["wall_time_s"],
         "stop_reason": results["stop_reason"],
+        "processes": results["world_size"],
         "run_dir": str(run_dir),
     }
     if int(os.environ.get("RANK", "0")) == 0:
-        write_json_atomic(output / RESULTS_DIR / f"{name}.json", row)
+        write_json(output / RESULTS_DIR / f"{name}.json", row)
     log.info("%s: validation accuracy %.2f%% in %.0f s", name, 100 * row["val_acc"], row["train_time_s"])
     return row
 
@@ -545,20 +546,3 @@ def _without_html_report() -> Iterator[None]:
         yield
     finally:
         engine._write_report = original
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename: a kill at any
-    moment leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
