@@ -163,6 +163,7 @@ def test_finetune_runs_each_model_and_a_rerun_skips_finished_ones(
     assert results["mobilenet_v3_small"]["init"] == "scratch"
     for name, result in results.items():
         assert 0 <= result["test_acc"] <= 1 and result["train_images_per_s"] > 0 and result["img_size"] == 32
+        assert 0 < result["train_time_s"] <= result["wall_time_s"] and 0 < result["epochs"] <= 1
         config = yaml.safe_load((folder / "runs" / name / "config.yaml").read_text())
         assert config["max_minutes"] == 2 and config["model"] == name
     assert "| efficientnet_lite0 | ImageNet |" in (tmp_path / "out" / "finetune.md").read_text()

@@ -91,8 +91,9 @@ class FinetuneRow:
     init: str  # "ImageNet" or "scratch"
     test_acc: float | None
     train_images_per_s: float | None  # last epoch's
-    train_time_s: float  # wall time of the whole fit: training, validation, checkpoints, test
-    epochs_run: float
+    train_time_s: float  # in the training steps (what the budget limits)
+    wall_time_s: float  # the whole fit: training, validation, checkpoints, test
+    epochs: float
     stop_reason: str
     img_size: int
     params: int
@@ -150,8 +151,9 @@ def finetune_models(
             init="ImageNet" if use_pretrained else "scratch",
             test_acc=result["test_acc"],
             train_images_per_s=result["images_per_s"],
-            train_time_s=result["wall_time_s"],
-            epochs_run=result["epochs_run"],
+            train_time_s=sum(epoch["epoch_time_s"] for epoch in fitted.history),
+            wall_time_s=result["wall_time_s"],
+            epochs=fitted.history[-1]["epoch"] if fitted.history else 0,  # fractional when the budget cut one
             stop_reason=result["stop_reason"],
             img_size=result["img_size"],
             params=result["params"],

@@ -176,7 +176,17 @@ def write_report(rows: Sequence[CompareRow], output: str | Path) -> list[Path]:
 
 
 def format_finetune_table(rows: Sequence[FinetuneRow], markdown: bool = False) -> str:
-    headers = ["model", "init", "test acc %", "train img/s", "time min", "epochs", "img size", "stopped by"]
+    headers = [
+        "model",
+        "init",
+        "test acc %",
+        "train img/s",
+        "train min",
+        "wall min",
+        "epochs",
+        "img size",
+        "stopped by",
+    ]
     cells = [
         [
             row.name,
@@ -184,7 +194,8 @@ def format_finetune_table(rows: Sequence[FinetuneRow], markdown: bool = False) -
             _number(None if row.test_acc is None else 100 * row.test_acc, ".2f"),
             _number(row.train_images_per_s, ".1f"),
             f"{row.train_time_s / 60:.1f}",
-            f"{row.epochs_run:g}",
+            f"{row.wall_time_s / 60:.1f}",
+            f"{row.epochs:g}",
             str(row.img_size),
             "budget" if row.stop_reason.startswith("time budget") else row.stop_reason,
         ]
