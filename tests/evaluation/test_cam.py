@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import assert_png_not_blank
+from eval_helpers import assert_png_not_blank
 from PIL import Image
 from skimage import data
 from torchvision.transforms.v2 import functional as F

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_png_not_blank
+from eval_helpers import assert_png_not_blank
 from sklearn import metrics as skm
 
 from effnet.cli import main

@@ -4,7 +4,7 @@ are confused with each other next to each other."""
 from __future__ import annotations
 
 import numpy as np
-from conftest import assert_png_not_blank
+from eval_helpers import assert_png_not_blank
 
 from effnet.evaluation.plots import class_order, plot_confusion, plot_curves, plot_reliability, save_figure
 

@@ -126,6 +126,11 @@ def run_eval(
             f"the model has {len(trained.class_names)} classes but {splits.source} has {len(splits.class_names)}: "
             "evaluate on the data set it was trained on"
         )
+    if list(splits.class_names) != list(trained.class_names):
+        log.warning(
+            "class names differ between the model (%s, ...) and %s (%s, ...): labels are matched by position",
+            ", ".join(trained.class_names[:3]), splits.source, ", ".join(splits.class_names[:3]),
+        )  # fmt: skip
     size = img_size or int(trained.preprocess["input_size"])
     engine = trained.engine(backend, size)
     logits, targets = predict_split(engine, chosen, trained.preprocess, size, batch_size, tta)

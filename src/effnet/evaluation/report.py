@@ -230,7 +230,7 @@ def render(
 <section><h2>Calibration</h2><div class="grid2">{figure("reliability", "Reliability diagram")}
 <p>Expected calibration error: <b>{_pct(evaluation["ece"])}</b>, the average gap between confidence and accuracy,
 weighted by the share of images in each confidence bin. A well calibrated model's bars reach their red lines;
-bars below it mean over-confidence.</p></div></section>
+bars below them mean over-confidence.</p></div></section>
 <section><h2>Data set</h2><p>{html.escape(summary["source"])}: {summary["num_classes"]} classes,
 {summary["bad_images"]} unreadable image(s) left out.</p>
 <div class="grid2"><div class="scroll">{counts}</div>{_image(samples, "Sample training images")}</div></section>
