@@ -90,7 +90,7 @@ def sample_figure(splits: DataSplits):
     images = [split[i][0].permute(1, 2, 0).numpy() for i in indices]
     titles = [splits.class_names[split.targets[i]] for i in indices]
     columns = 10 if per_class == 1 else per_class
-    return plot_image_grid(images, titles, columns=columns, title="Training images per class")
+    return plot_image_grid(images, titles, columns=columns)
 
 
 def _image(path: Path, caption: str) -> str:
@@ -199,13 +199,20 @@ def render(
         + [["total", *[summary["splits"][s]["count"] for s in split_names]]],
     )
     config_rows = [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in trained.run_config.items()]
-    timing = [
+    config_table = _table(["setting", "value"], config_rows, numeric_from=2)
+    throughput = f"{results['images_per_s']:.1f} images/s" if results.get("images_per_s") else "-"
+    cost_rows = [
+        ["model", trained.model_name],
+        ["parameters", f"{params:,}"],
+        [f"MACs per image at {size}px", f"{macs:,}"],
         ["wall time", _duration(results.get("wall_time_s"))],
-        ["throughput (last epoch)", f"{results['images_per_s']:.1f} images/s" if results.get("images_per_s") else "-"],
+        ["training throughput (last epoch)", throughput],
         ["device", results.get("device", "-")],
         ["epochs run", results.get("epochs_run", "-")],
         ["stop reason", results.get("stop_reason", "-")],
     ]
+    cost_table = _table(["", "value"], cost_rows, numeric_from=2)
+    curves = figure("curves", "Loss, accuracy and learning rate per epoch (metrics.csv)")
     title = f"{trained.model_name} on {evaluation['data']}"
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     return f"""<!DOCTYPE html>
@@ -219,9 +226,7 @@ def render(
 <div class="cards">{cards_html}</div>
 <section><h2>Metrics on the {split} split</h2><div class="grid2"><div>{overall}</div>
 <div class="scroll">{per_class}</div></div></section>
-<section><h2>Training curves</h2>{
-        figure("curves", "Loss, accuracy and learning rate per epoch (metrics.csv)")
-    }</section>
+<section><h2>Training curves</h2>{curves}</section>
 <section><h2>Confusion matrices</h2><div class="grid2">
 {figure("confusion_counts", "Counts: rows are true classes, columns predicted")}
 {figure("confusion_normalised", "Row-normalised: each row sums to 1 (recall on the diagonal)")}</div></section>
@@ -234,21 +239,8 @@ bars below them mean over-confidence.</p></div></section>
 <section><h2>Data set</h2><p>{html.escape(summary["source"])}: {summary["num_classes"]} classes,
 {summary["bad_images"]} unreadable image(s) left out.</p>
 <div class="grid2"><div class="scroll">{counts}</div>{_image(samples, "Sample training images")}</div></section>
-<section><h2>Model and cost</h2>{
-        _table(
-            ["", ""],
-            [
-                ["model", trained.model_name],
-                ["parameters", f"{params:,}"],
-                [f"MACs per image at {size}px", f"{macs:,}"],
-                *timing,
-            ],
-            numeric_from=2,
-        )
-    }</section>
-<section><h2>Configuration</h2><div class="scroll">{
-        _table(["setting", "value"], config_rows, numeric_from=2)
-    }</div></section>
+<section><h2>Model and cost</h2>{cost_table}</section>
+<section><h2>Configuration</h2><div class="scroll">{config_table}</div></section>
 <p class="muted">Written by effnet. Figures and eval.json are in <code>{html.escape(str(eval_dir))}</code>.</p>
 </main></body></html>
 """
