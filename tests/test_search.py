@@ -62,6 +62,10 @@ def test_spread_subset_starts_at_the_paper_and_spreads_over_the_flops_split() ->
     assert subset[0] == PAPER_COEFFICIENTS
     assert len(set(subset)) == 6 and set(subset) <= set(grid)
     assert spread_subset(grid, 4) == subset[:4]  # any prefix is itself spread out
+    # Points on the covered corners are at distance 0: they are still picked once each, never twice.
+    corners = (Coefficients(2.0, 1.0, 1.0), Coefficients(1.0, 1.45, 1.0), Coefficients(1.0, 1.0, 1.45))
+    on_edges = [p for p in grid if sorted(p.flops_shares)[1] == 0]  # all FLOPs in one dimension
+    assert len(set(spread_subset(on_edges, len(on_edges) - 1, covered=corners))) == len(on_edges) - 1
     # Spread: the closest pair of the subset is farther apart than in most same-size samples.
     rng = np.random.default_rng(0)
 

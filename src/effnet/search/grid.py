@@ -99,7 +99,7 @@ def spread_subset(
     nearest = [min(_distance(s, c.flops_shares) for c in (points[start], *covered)) for s in shares]
     while len(chosen) < count:
         # The next point is the one farthest from everything chosen so far (ties: lowest index).
-        index = max(range(len(points)), key=lambda i: (nearest[i], -i))
+        index = max((i for i in range(len(points)) if i not in chosen), key=lambda i: (nearest[i], -i))
         chosen.append(index)
         nearest = [min(n, _distance(s, shares[index])) for n, s in zip(nearest, shares, strict=True)]
     return [points[i] for i in chosen]

@@ -42,7 +42,7 @@ def planned_specs(plan: dict[str, Any]) -> list[RunSpec]:
     for key in plan["measured"]:
         if key.startswith("compound_"):
             specs.append(RunSpec.from_key(key))
-    return specs
+    return list(dict.fromkeys(specs))  # plans made before spread_subset could repeat a point
 
 
 def table_rows(plan: dict[str, Any], finished: dict[str, dict], seeds: int) -> list[dict[str, Any]]:
@@ -183,20 +183,31 @@ def _pyplot() -> Any:
 
 
 def plot_candidates(rows: list[dict[str, Any]], path: Path) -> None:
-    """Validation accuracy per candidate, labelled by its coefficients; the baseline as a line."""
+    """Validation accuracy per candidate, best at the top, labelled by coefficients and measured
+    FLOPs factor; the chosen one and the paper's coloured, the baseline as a dashed line."""
     plt = _pyplot()
     done = [r for r in rows if r["kind"] == "candidate" and r["val_acc"] is not None]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(done) + 2), 4))
-    labels = [f"{r['alpha']:.2f}/{r['beta']:.2f}/{r['gamma']:.2f}\nx{r['measured_flops_x']:.2f}" for r in done]
-    ax.bar(range(len(done)), [r["val_acc"] for r in done], yerr=[r["val_acc_std"] or 0 for r in done], color="C0")
-    ax.set_xticks(range(len(done)), labels, fontsize=7)
+    done.sort(key=lambda r: (r["val_acc"], -r["macs_m"]))  # the order `choose` ranks them in
+    fig, ax = plt.subplots(figsize=(7, 1.5 + 0.35 * len(done)))
+    best = done[-1] if done else None
+    colours = ["C3" if r is best else "C1" if "paper" in r["note"] else "C0" for r in done]
+    ax.barh(range(len(done)), [r["val_acc"] for r in done], xerr=[r["val_acc_std"] or 0 for r in done], color=colours)
+    labels = [
+        f"a={r['alpha']:.2f} b={r['beta']:.2f} g={r['gamma']:.2f}  x{r['measured_flops_x']:.2f}"
+        + ("  (paper)" if "paper" in r["note"] else "")
+        for r in done
+    ]
+    ax.set_yticks(range(len(done)), labels, fontsize=8)
+    values = [r["val_acc"] for r in done]
     base = next((r for r in rows if r["kind"] == "baseline" and r["val_acc"] is not None), None)
     if base:
-        ax.axhline(base["val_acc"], color="gray", linestyle="--", label=f"baseline {base['val_acc']:.1f}%")
-        ax.legend()
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_xlabel("alpha/beta/gamma, measured FLOPs x baseline")
-    ax.set_title("Candidates at phi=1")
+        ax.axvline(base["val_acc"], color="gray", linestyle="--", label=f"baseline (phi=0) {base['val_acc']:.1f}%")
+        values.append(base["val_acc"])
+        ax.legend(loc="lower right", fontsize=8)
+    if values:
+        ax.set_xlim(max(0.0, min(values) - 5), max(values) + 3)
+    ax.set_xlabel("validation accuracy (%)")
+    ax.set_title("Candidates at phi=1 (label: coefficients, measured FLOPs x baseline)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
