@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from effnet.comparison.measure import compare_models
+from effnet.comparison.measure import CompareRow, add_ratios, compare_models
 from effnet.comparison.report import (
     format_finetune_table,
     format_table,
@@ -66,6 +66,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return finetune(args, names)
     if args.budget_minutes is not None:
         raise ValueError("--budget-minutes applies to --finetune DATA; add it or drop the budget")
+    finished: list[CompareRow] = []
+
+    def save_so_far(row: CompareRow) -> None:
+        """A long run interrupted (or a model failing late) keeps the rows measured before it."""
+        finished.append(row)
+        add_ratios(finished)
+        write_report(finished, args.output)
+
     rows = compare_models(
         names,
         batch_size=args.batch_size or 16,
@@ -74,6 +82,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
         costs_only=args.costs_only,
+        on_row=save_so_far,
     )
     print(setup_line(rows))
     print(format_table(rows))
