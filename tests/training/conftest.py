@@ -5,7 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from training_helpers import write_folder
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and much faster than on two when the machine is
+    shared: every op's two-thread rendezvous then waits for a descheduled thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +36,7 @@ def fast_options(tmp_path: Path) -> dict:
         "warmup_steps": 2,
         "workers": 0,
         "quiet": True,
+        "report": False,
         "precision": "fp32",
         "output": str(tmp_path / "run"),
         "data_dir": str(tmp_path / "data"),

@@ -152,3 +152,9 @@ def test_step_schedule_and_plateau():
     restored = _schedule(schedule="plateau", warmup_steps=0)
     restored.load_state_dict(plateau.state_dict())
     assert restored.step(30) == pytest.approx(0.1)
+
+
+def test_cosine_follows_the_time_budget_when_it_is_further_along():
+    schedule = _schedule(warmup_steps=0)
+    assert schedule.step(1, time_fraction=1.0) == pytest.approx(0.0)
+    assert schedule.step(20, time_fraction=0.1) == pytest.approx(schedule.step(20))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from effnet.training import TrainConfig, TrainingDiverged, fit
 from effnet.training.checkpoint import METRICS_COLUMNS, load_state
 
 
-def test_fit_writes_the_run_folder(image_folder, fast_options):
+def test_fit_writes_the_run_folder(image_folder, fast_options, caplog):
+    caplog.set_level(logging.INFO, logger="effnet")
     result = effnet.fit(tiny_model(), str(image_folder), **fast_options)
     run = Path(fast_options["output"])
     assert result.run_dir == run
@@ -40,9 +42,10 @@ def test_fit_writes_the_run_folder(image_folder, fast_options):
     assert state["progress"]["epoch"] == 2
 
 
-def test_fit_learns_the_colours(image_folder, fast_options):
-    options = fast_options | {"epochs": 6, "lr": 0.05}
-    result = fit(tiny_model(), str(image_folder), **options)
+def test_pretrained_linear_probe_learns_the_colours(image_folder, fast_options):
+    """The offline ImageNet Lite0 features separate the colour classes after a few head-only steps."""
+    options = fast_options | {"img_size": 64, "epochs": 3, "batch_size": 12, "finetune": "head", "lr": 0.1}
+    result = fit("efficientnet_lite0", str(image_folder), pretrained=True, **options)
     assert result.results["test_acc"] >= 0.9, result.history
 
 
@@ -76,13 +79,14 @@ def test_head_mode_changes_only_the_classifier(image_folder, fast_options):
     assert changed == {"classifier.weight", "classifier.bias"}
 
 
-def test_gradual_unfreezes_after_the_head_epochs(image_folder, fast_options):
+def test_gradual_unfreezes_after_the_head_epochs(image_folder, fast_options, caplog):
+    caplog.set_level(logging.INFO, logger="effnet")
     model = tiny_model()
     stem = model.stem.conv.weight.detach().clone()
     fit(model, str(image_folder), **(fast_options | {"finetune": "gradual", "epochs": 1}))
     assert torch.equal(model.stem.conv.weight.detach().cpu(), stem)
     log = (Path(fast_options["output"]) / "train.log").read_text()
-    assert "training 1" in log  # classifier only: 32 * 3 + 3 = 99 parameters
+    assert "epoch 1: training 99 of" in log  # the classifier only: 32 * 3 + 3 parameters
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, fast_options):
@@ -104,7 +108,7 @@ def test_resume_refuses_another_model_or_other_classes(image_folder, fast_option
     other = write_folder(tmp_path / "other", {"train": 8}, seed=1)
     (other / "train" / "blue").rename(other / "train" / "cyan")
     with pytest.raises(ValueError, match="trained on 3 classes"):
-        fit(None, str(other), resume=run, data=str(other))
+        fit(None, str(other), resume=run)
     with pytest.raises(FileNotFoundError, match="state.pt not found"):
         fit(None, None, resume=tmp_path)
 

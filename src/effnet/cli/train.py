@@ -7,6 +7,7 @@ Every option maps to a TrainConfig field of the same name. Options default to "n
 from __future__ import annotations
 
 import argparse
+import os
 
 from effnet.training.config import BN_FREEZE, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
@@ -92,6 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--checkpoint-every", type=int, help="also save the resume state every N steps")
     group.add_argument("--quiet", dest="no_progress", action="store_true", help="no progress bars (for log files)")
     group.add_argument("--tensorboard", action="store_true", help="TensorBoard logs in RUN/tensorboard")
+    group.add_argument("--report", action=argparse.BooleanOptionalAction, help="write report.html (default on)")
     p.set_defaults(func=cmd_train)
 
 
@@ -112,6 +114,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     model, data = options.pop("model", None), options.pop("data", None)
     result = fit(model, data, resume=resume, **options)
-    if result.results["test_acc"] is not None:
+    if result.results["test_acc"] is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only
         print(f"test accuracy: {result.results['test_acc']:.2%}  (run folder: {result.run_dir})")
     return 0

@@ -81,6 +81,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also save the resume state every N optimizer steps (0: only per epoch)
     quiet: bool = False
     tensorboard: bool = False
+    report: bool = True  # report.html by effnet.evaluation at the end
 
     def __post_init__(self) -> None:
         self.validate()

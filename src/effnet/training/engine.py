@@ -269,7 +269,8 @@ def _train(
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
             if (index + 1) % config.accum_steps == 0:
-                current_lr = schedule.step(progress["step"])
+                budget_used = elapsed() / (config.max_minutes * 60) if config.max_minutes else 0.0
+                current_lr = schedule.step(progress["step"], budget_used)
                 if config.clip_grad:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(net.parameters(), config.clip_grad)
@@ -294,8 +295,9 @@ def _train(
         optimizer.zero_grad(set_to_none=True)  # a partial accumulation at the end of an epoch is dropped
         seconds += time.perf_counter() - tick
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], context, device)
-        if seen == 0:
-            break  # the time budget ran out before this epoch's first batch
+        if seen == 0:  # the time budget ran out before this epoch's first batch
+            save_resume_state()
+            break
 
         val = evaluate(eval_net, val_set, config, device, dtype, context) if val_set else None
         schedule.epoch_end(val["acc"] if val else None)
@@ -361,7 +363,8 @@ def _train(
         write_json(run_dir / "results.json", results)
         if tensorboard:
             tensorboard.close()
-        _write_report(run_dir)
+        if config.report:
+            _write_report(run_dir)
         log.info("run folder: %s", run_dir)
     return FitResult(eval_net, history, results, run_dir)
 
@@ -413,6 +416,8 @@ def _resolve_config(
         run_dir = Path(resume)
         state = load_state(run_dir)
         overrides.pop("output", None)
+        if isinstance(data, str):
+            overrides["data"] = data  # checked against the run's classes when the model is rebuilt
         config = (config or TrainConfig.load(run_dir / "config.yaml")).replace(output=str(run_dir), **overrides)
         return config, state, run_dir
     config = (config or TrainConfig()).replace(**overrides)

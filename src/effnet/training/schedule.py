@@ -1,6 +1,9 @@
 """Learning-rate schedules, per optimizer step: linear warmup, then cosine decay, a step decay, or
 reduce-on-plateau of the validation accuracy.
 
+With a wall-clock budget (`max_minutes`) the cosine follows whichever is further along, the steps or
+the clock, so the LR has annealed when the budget ends instead of being cut off at a high value.
+
 One small class instead of chaining torch's schedulers: warmup must compose with ReduceLROnPlateau,
 which torch's SequentialLR cannot do, and each group keeps its own `lr_scale` (layer decay).
 """
@@ -23,12 +26,12 @@ class LRSchedule:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.plateau_scale, self.best, self.bad_epochs = 1.0, -math.inf, 0
 
-    def factor(self, step: int) -> float:
+    def factor(self, step: int, time_fraction: float = 0.0) -> float:
         config = self.config
         warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
         floor = config.min_lr / self.base_lr if self.base_lr > 0 else 0.0
         if config.schedule == "cosine":
-            progress = min(1.0, step / max(1, self.total_steps - 1))
+            progress = min(1.0, max(step / max(1, self.total_steps - 1), time_fraction))
             decay = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         elif config.schedule == "step":
             decay = config.step_gamma ** (step // (self.steps_per_epoch * config.step_epochs))
@@ -36,9 +39,10 @@ class LRSchedule:
             decay = self.plateau_scale
         return warmup * max(decay, floor)
 
-    def step(self, step: int) -> float:
-        """Set every group's lr for optimizer step `step`; returns the base lr used."""
-        factor = self.factor(step)
+    def step(self, step: int, time_fraction: float = 0.0) -> float:
+        """Set every group's lr for optimizer step `step` (`time_fraction`: share of the time budget
+        used); returns the base lr used."""
+        factor = self.factor(step, time_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = self.base_lr * group.get("lr_scale", 1.0) * factor
         return self.base_lr * factor

@@ -1,0 +1,79 @@
+"""Fine-tune the offline ImageNet EfficientNet-Lite0 on CIFAR-10 within a wall-clock budget.
+
+The issue's benchmark: the CIFAR-10 copy in ../shared/data (JPEG, 50,000 train / 10,000 test), the
+default recipe of `effnet train`, on this machine's CPU. Prints the setup, then per recipe the test
+accuracy on all 10,000 test images, the wall time, and validation accuracy against minutes.
+
+    python benchmarks/train_cifar10.py                       # default recipe, 45 min
+    python benchmarks/train_cifar10.py --recipes default,r128,head --minutes 10
+
+Each recipe stops cleanly at --minutes of training (checkpoint, then test), so the figures are what
+a user with that budget gets. Not a test: it takes --minutes per recipe plus evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import effnet
+from effnet.runtime import autocast_dtype, pick_device
+
+ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+# Each recipe: overrides of TrainConfig's defaults ("default" is `effnet train` as shipped).
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "r128": {"img_size": 128},  # the hand-written timm reference's resolution
+    "r160-last5": {"img_size": 160, "finetune": "last:5"},
+    "head": {"finetune": "head"},  # linear probe on frozen features
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ARCHIVE), help="CIFAR-10 folder or archive (train/ and test/)")
+    parser.add_argument("--data-dir", default="/tmp/effnet-bench-data", help="where the archive is unpacked")
+    parser.add_argument("--recipes", default="default", help=f"comma-separated, from {', '.join(RECIPES)}")
+    parser.add_argument("--minutes", type=float, default=45.0, help="training budget per recipe")
+    parser.add_argument("--epochs", type=int, help="override the recipe's epochs (the schedule's length)")
+    parser.add_argument("--output", default="runs/bench-cifar10", help="run folders go under this folder")
+    args = parser.parse_args()
+
+    device = pick_device("auto")
+    print(f"setup: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"device {device}, threads {torch.get_num_threads()}, default autocast {autocast_dtype(device, 'auto')}")
+    print(f"data {args.data}; model efficientnet_lite0 (offline ImageNet weights); budget {args.minutes:g} min")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    summary = {}
+    for name in args.recipes.split(","):
+        overrides = RECIPES[name] | ({"epochs": args.epochs} if args.epochs else {})
+        config = effnet.TrainConfig(pretrained=True, data_dir=args.data_dir, quiet=True, max_minutes=args.minutes)
+        config = config.replace(output=str(Path(args.output) / f"{name}-{stamp}"), **overrides)
+        print(f"\n== recipe {name}: {overrides or 'effnet train defaults'}")
+        started = time.perf_counter()
+        result = effnet.fit("efficientnet_lite0", args.data, config)
+        wall = time.perf_counter() - started
+        minutes, curve = 0.0, []
+        for row in result.history:
+            minutes += row["epoch_time_s"] / 60
+            curve.append((round(minutes, 1), row["epoch"], row["val_acc"]))
+        results = result.results
+        print(
+            f"recipe {name}: test accuracy {results['test_acc']:.2%} (top-5 {results['test_top5']:.2%}) on "
+            f"{results['test_images']} images at {results['img_size']}px; training {minutes:.1f} min, "
+            f"wall {wall / 60:.1f} min with evaluation; {results['images_per_s']:.1f} img/s"
+        )
+        print("  val accuracy vs training minutes: " + ", ".join(f"{m} min (epoch {e}): {a:.2%}" for m, e, a in curve))
+        summary[name] = {"test_acc": results["test_acc"], "wall_min": wall / 60, "curve": curve}
+    print("\n" + json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
