@@ -1,0 +1,49 @@
+"""The fast inference engines agree with the plain model: the torch engine (batch norm folded,
+channels-last) to fp32 rounding, OpenVINO (bf16 where the CPU has it) to bf16 rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effnet import create_model, inference
+from effnet.inference import BF16_PARITY_TOLERANCE, TorchEngine, create_engine
+
+
+@pytest.fixture(scope="module")
+def model_and_images() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=10).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64) * 2 + 0.5)  # running statistics worth folding
+    return model.eval(), torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_torch_engine_matches_the_model(model_and_images) -> None:
+    model, images = model_and_images
+    with torch.no_grad():
+        expected = model(images)
+    assert expected.std() > 1e-3
+    torch.testing.assert_close(TorchEngine(model)(images), expected, atol=1e-4, rtol=0)
+
+
+def test_auto_picks_openvino_when_installed_and_torch_otherwise(model_and_images, monkeypatch) -> None:
+    model, _ = model_and_images
+    monkeypatch.setattr(inference, "OpenVinoEngine", lambda model, size: ("openvino", size))
+    monkeypatch.setattr(inference, "openvino_available", lambda: True)
+    assert create_engine(model, backend="auto", img_size=64) == ("openvino", 64)
+    monkeypatch.setattr(inference, "openvino_available", lambda: False)
+    assert create_engine(model, backend="auto", img_size=64).name == "torch"
+
+
+def test_openvino_engine_matches_the_model_and_reports_parity(model_and_images) -> None:
+    pytest.importorskip("openvino")
+    model, images = model_and_images
+    engine = create_engine(model, backend="openvino", img_size=64)
+    logits = engine(images)
+    with torch.no_grad():
+        expected = model(images)
+    assert logits.shape == expected.shape
+    assert (logits - expected).abs().max() <= BF16_PARITY_TOLERANCE * max(1.0, expected.abs().max().item())
+    assert engine.parity is not None and engine.parity["batch"] == 3
+    assert engine(images[:1]).shape == (1, 10)  # dynamic batch size
