@@ -158,3 +158,10 @@ def test_model_by_name_is_built_at_the_requested_size_for_the_classes(image_fold
     result = fit("efficientnet_lite0", str(image_folder), **(fast_options | {"epochs": 1, "batch_size": 12}))
     assert result.model.pretrained_cfg["input_size"] == 32 and result.model.num_classes == 3
     assert result.run_dir.name == "run"
+
+
+def test_pretrained_model_for_new_classes_starts_from_a_zero_head_and_fast_bn(image_folder, fast_options):
+    options = fast_options | {"epochs": 1, "lr": 0.0, "batch_size": 12}
+    result = fit("efficientnet_lite0", str(image_folder), pretrained=True, **options)
+    assert not result.model.classifier.weight.any() and not result.model.classifier.bias.any()
+    assert result.model.config.bn_momentum == 0.1 and result.model.head.bn.momentum == 0.1

@@ -43,6 +43,7 @@ class TrainConfig:
     gradual_head_epochs: int = 1  # "gradual": epochs of head-only training before unfreezing all
     layer_decay: float | None = None  # LR multiplier per stage going down from the head (e.g. 0.7)
     bn_freeze: str = "auto"  # auto: BN statistics frozen in frozen layers; on/off force it everywhere
+    bn_momentum: float | None = 0.1  # None keeps the weights' own (TF ports: 0.01, too slow to adapt)
 
     # Optimisation.
     optimizer: str = "sgd"
@@ -50,7 +51,7 @@ class TrainConfig:
     weight_decay: float = 5e-5
     momentum: float = 0.9
     schedule: str = "cosine"
-    warmup_steps: int = 50
+    warmup_steps: int | None = None  # None: 5% of the planned steps
     min_lr: float = 0.0
     plateau_factor: float = 0.2
     plateau_patience: int = 1

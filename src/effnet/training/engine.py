@@ -52,6 +52,7 @@ from effnet.training.schedule import LRSchedule
 
 log = logging.getLogger("effnet")
 SINGLE_PROCESS = DistContext()
+IMAGENET_CLASSES = 1000
 
 
 class TrainingDiverged(RuntimeError):
@@ -479,16 +480,29 @@ def _build_model(
         if config.img_size:
             preprocess = replace(net.config.preprocess, input_size=config.img_size)
             net.config = replace(net.config, preprocess=preprocess)
+        if config.bn_momentum is not None:
+            net.config = replace(net.config, bn_momentum=config.bn_momentum)
+            for module in net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.momentum = config.bn_momentum
         return net
     size = {"img_size": config.img_size} if config.img_size else {}
-    return create_model(
+    momentum = {"bn_momentum": config.bn_momentum} if config.bn_momentum is not None else {}
+    net = create_model(
         model or config.model,
         num_classes=len(class_names),
         pretrained=config.pretrained,
         drop_rate=config.drop_rate,
         drop_path_rate=config.drop_path_rate,
         **size,
+        **momentum,
     )
+    if config.pretrained and net.num_classes != IMAGENET_CLASSES:
+        # A new head starts at zero (BiT, Kolesnikov et al. 2020): the first steps train the head
+        # alone on sound features instead of back-propagating a random head's noise into them.
+        nn.init.zeros_(net.classifier.weight)
+        nn.init.zeros_(net.classifier.bias)
+    return net
 
 
 @contextlib.contextmanager

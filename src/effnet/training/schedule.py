@@ -24,11 +24,13 @@ class LRSchedule:
         self.optimizer, self.config, self.base_lr = optimizer, config, base_lr
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.total_steps = self.steps_per_epoch * config.epochs
+        auto_warmup = math.ceil(0.05 * self.total_steps)
+        self.warmup_steps = auto_warmup if config.warmup_steps is None else config.warmup_steps
         self.plateau_scale, self.best, self.bad_epochs = 1.0, -math.inf, 0
 
     def factor(self, step: int, time_fraction: float = 0.0) -> float:
         config = self.config
-        warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
+        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
         floor = config.min_lr / self.base_lr if self.base_lr > 0 else 0.0
         if config.schedule == "cosine":
             progress = min(1.0, max(step / max(1, self.total_steps - 1), time_fraction))
