@@ -146,7 +146,7 @@ def coefficients_record(
             "val_acc": chosen["val_acc"],
             "measured_flops_x": chosen["measured_flops_x"],
             "candidates_trained": sum(r["kind"] == "candidate" and r["complete"] for r in rows),
-            "candidates_planned": len(plan["candidates"]),
+            "candidates_planned": sum(r["kind"] == "candidate" for r in rows),
             "search_complete": complete,
             "selection": plan["note"],
         },

@@ -112,6 +112,7 @@ def search(settings: SearchSettings) -> SearchResult:
     started = time.perf_counter()
     torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     output = Path(settings.output)
+    (output / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
     splits = load_data(settings.data, settings.data_dir, settings.val_split, seed=0)
     proxy = dataclasses.replace(settings.proxy, num_classes=len(splits.class_names))
     settings = dataclasses.replace(settings, proxy=proxy)
