@@ -41,7 +41,7 @@ RESULTS_DIR = "results"
 STUDY_DIMENSIONS = ("depth", "width", "resolution")
 MIN_CANDIDATE_MINUTES = 1.0  # below this a CPU proxy learns too little to rank candidates
 RUN_GUARD_FACTOR = 4.0  # fit's max_minutes = this x the run's estimate
-RUN_OVERHEAD_S = 5.0  # fit's set-up and checkpoints per run, measured on the tiny test search
+RUN_OVERHEAD_S = 5.0  # rough allowance for fit's set-up and checkpoints; observed run times correct it
 # Recipe fields a rerun must share with the saved plan: changing them would mix incomparable runs.
 RECIPE_FIELDS = ("data", "proxy", "grid_step", "target", "tolerance", "seeds", "epochs", "val_images", "study_phis")
 RECIPE_FIELDS += ("batch_size", "lr", "optimizer", "augment", "precision", "val_split")
@@ -393,13 +393,9 @@ def _study_seconds(plan: dict[str, Any], finished: dict[str, dict], settings: Se
 
 
 def _all_done(plan: dict[str, Any], finished: dict[str, dict], settings: SearchSettings) -> bool:
-    return all(
-        f"{key}_s{seed}" in finished
-        for key in plan["measured"]
-        if key.startswith(("baseline", "depth", "width", "resolution", "compound"))
-        or key in {RunSpec("candidate", Coefficients(**p), 1.0).key for p in plan["candidates"]}
-        for seed in range(settings.seeds)
-    )
+    from effnet.search.report import planned_specs
+
+    return all(f"{spec.key}_s{seed}" in finished for spec in planned_specs(plan) for seed in range(settings.seeds))
 
 
 def _spec_to_dict(spec: RunSpec) -> dict[str, Any]:
