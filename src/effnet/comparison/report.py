@@ -96,12 +96,16 @@ def to_markdown(rows: Sequence[CompareRow]) -> str:
 
 
 def write_csv(rows: Sequence[CompareRow], path: Path) -> None:
-    fields = [f.name for f in dataclasses.fields(CompareRow)] + ["gmacs_per_s"]
+    """Every field of every row; the spread of throughput as two columns."""
+    fields = [f.name for f in dataclasses.fields(CompareRow) if f.name != "images_per_s_range"]
+    fields += ["images_per_s_slowest", "images_per_s_fastest", "gmacs_per_s"]
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow(dataclasses.asdict(row) | {"gmacs_per_s": row.gmacs_per_s})
+            slowest, fastest = row.images_per_s_range or (None, None)
+            extra = {"images_per_s_slowest": slowest, "images_per_s_fastest": fastest, "gmacs_per_s": row.gmacs_per_s}
+            writer.writerow(dataclasses.asdict(row) | extra)
 
 
 def _short(name: str) -> str:
@@ -115,7 +119,7 @@ def _scatter_plot(
     as labelled points, in the style of the paper's Figures 1 and 5."""
     points = [(row, x(row)) for row in rows if row.top1 is not None and x(row)]
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    line = sorted(((r, v) for r, v in points if r.is_efficientnet), key=lambda p: p[1])
+    line = sorted(((r, v) for r, v in points if r.is_efficientnet), key=lambda p: p[0].macs)  # B0 to B7
     if line:
         ax.plot([v for _, v in line], [r.top1 for r, _ in line], "-o", color="tab:red", label="EfficientNet", zorder=3)
     for family, color, label in (
@@ -132,7 +136,7 @@ def _scatter_plot(
     ax.set_ylabel("ImageNet top-1 (%), reference")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
