@@ -174,6 +174,7 @@ def test_finetune_runs_each_model_and_a_rerun_skips_finished_ones(
     with caplog.at_level(logging.INFO, logger="effnet"):
         assert main(args) == 0
     assert caplog.text.count("done before") == 2
+    assert not (folder / "runs" / "mobilenet_v3_small" / "report.html").exists()
     assert {path: path.stat().st_mtime_ns for path in folder.glob("*.json")} == finished
 
 

@@ -9,12 +9,11 @@ the architecture in its checkpoints. torchvision's classifiers enter it through
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,8 @@ class TorchvisionAsEfficientNet(EfficientNet):
     "full" and "head" fine-tuning, the no-weight-decay groups and `reset_classifier` all work.
 
     Only for training runs inside `effnet compare`: the checkpoints `fit` writes of it record an
-    EfficientNet config and cannot be reloaded with `load_model` (which says so).
+    EfficientNet config and cannot be reloaded with `load_model` (which says so), so its runs have
+    no report.html.
     """
 
     def __init__(self, name: str, network: nn.Module, preprocess: PreprocessConfig) -> None:
@@ -143,8 +143,9 @@ def finetune_models(
             budget_minutes,
         )
         model = trainable_model(name, len(splits.class_names), use_pretrained)
-        with _short_report_notice(isinstance(model, TorchvisionAsEfficientNet)):
-            fitted = fit(model, splits, max_minutes=budget_minutes, output=str(run_dir), **fit_options)
+        # The HTML report reloads best.pt as an EfficientNet, which a wrapped torchvision model is not.
+        no_report = {"report": False} if isinstance(model, TorchvisionAsEfficientNet) else {}
+        fitted = fit(model, splits, max_minutes=budget_minutes, output=str(run_dir), **fit_options, **no_report)
         result = fitted.results
         row = FinetuneRow(
             name=name,
@@ -170,31 +171,6 @@ def _data_options(fit_options: dict[str, Any]) -> dict[str, Any]:
     """The load_data settings among fit's options, so the splits are the ones fit would make."""
     keys = {"data_dir", "val_split", "seed", "on_bad_image"}
     return {key: value for key, value in fit_options.items() if key in keys}
-
-
-class _ReportNotice(logging.Filter):
-    """fit's report step reloads best.pt as an EfficientNet, which a wrapped torchvision model is
-    not: one line saying so instead of a state-dict diff."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith("report.html not written"):
-            record.msg, record.args = (
-                "no report.html for torchvision models (it reloads best.pt as an EfficientNet)",
-                (),
-            )
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-@contextlib.contextmanager
-def _short_report_notice(active: bool) -> Iterator[None]:
-    notice = _ReportNotice()
-    if active:
-        log.addFilter(notice)
-    try:
-        yield
-    finally:
-        log.removeFilter(notice)
 
 
 def _validation_curve(history: list[dict[str, Any]]) -> list[tuple[float, float]]:
