@@ -137,7 +137,7 @@ def _train(
         )
 
     net = prepare_model(net, device, config.channels_last)
-    dtype, eval_dtype = _training_dtype(device, config.precision), autocast_dtype(device, config.precision)
+    dtype = autocast_dtype(device, config.precision)
     ema = _make_ema(net, config.ema_decay) if config.ema else None
     eval_net = ema.module if ema else net
     batch = config.batch_size * config.accum_steps * context.world_size
@@ -159,7 +159,7 @@ def _train(
         config.accum_steps,
         context.world_size,
         f"{config.epochs} epoch(s)" + (f" or {config.max_minutes:g} min" if config.max_minutes else ""),
-        f"{DTYPE_NAMES[dtype]} (evaluation {DTYPE_NAMES[eval_dtype]})",
+        DTYPE_NAMES[dtype],
         ", channels_last" if config.channels_last else "",
     )
 
@@ -301,7 +301,7 @@ def _train(
             save_resume_state()
             break
 
-        val = evaluate(eval_net, val_set, config, device, eval_dtype, context) if val_set else None
+        val = evaluate(eval_net, val_set, config, device, dtype, context) if val_set else None
         schedule.epoch_end(val["acc"] if val else None)
         done = progress["batches_done"] / batches_per_epoch
         row = {
@@ -340,7 +340,7 @@ def _train(
         log.info("stopped: %s", stop_reason)
 
     eval_net.load_state_dict(best_state)
-    test = evaluate(eval_net, _test_set(splits, eval_transform, config), config, device, eval_dtype, context)
+    test = evaluate(eval_net, _test_set(splits, eval_transform, config), config, device, dtype, context)
     results = {
         "test_acc": test["acc"] if test else None,
         "test_top5": test["top5"] if test else None,
@@ -531,16 +531,6 @@ def _run_log(run_dir: Path, context: DistContext) -> Iterator[None]:
         log.removeHandler(handler)
         log.setLevel(level)
         handler.close()
-
-
-def _training_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """runtime's autocast dtype, except that 'auto' trains in fp32 on CPUs without AMX: there bf16
-    autocast made a Lite0 training step 1.9x slower (README "Training"), while it speeds up inference,
-    which evaluation keeps using."""
-    cpu_capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")().upper()
-    if precision == "auto" and device.type == "cpu" and "AMX" not in cpu_capability:
-        return None
-    return autocast_dtype(device, precision)
 
 
 def _make_ema(net: EfficientNet, decay: float) -> AveragedModel:
