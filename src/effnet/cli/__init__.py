@@ -15,6 +15,11 @@ import sys
 COMMAND_MODULES = ["models", "compare", "predict", "train", "evaluate", "search", "bench"]
 
 
+def workers_arg(value: str) -> int | str:
+    """argparse type of every --workers option: 'auto' or a number of data-loader processes."""
+    return value if value == "auto" else int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="effnet",

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from effnet.cli import workers_arg
 from effnet.comparison.measure import CompareRow, add_ratios, compare_models
 from effnet.comparison.report import (
     format_finetune_table,
@@ -54,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--img-size", type=int, help="training resolution for every model (default: each model's own)")
     group.add_argument("--epochs", type=int, default=100, help="upper bound; the budget normally stops first")
     group.add_argument("--data-dir", default="data", help="where named data sets and archives are unpacked")
-    group.add_argument("--workers", default="auto", help="data-loading processes")
+    group.add_argument("--workers", type=workers_arg, default="auto", help="data-loading processes")
     p.set_defaults(func=cmd_compare)
 
 
@@ -99,8 +100,7 @@ def finetune(args: argparse.Namespace, names: list[str]) -> int:
 
     if not args.budget_minutes or args.budget_minutes <= 0:
         raise ValueError("--finetune needs --budget-minutes M (> 0): every model gets the same wall-clock budget")
-    workers = int(args.workers) if args.workers.isdigit() else args.workers
-    options = {"epochs": args.epochs, "data_dir": args.data_dir, "workers": workers, "quiet": args.quiet}
+    options = {"epochs": args.epochs, "data_dir": args.data_dir, "workers": args.workers, "quiet": args.quiet}
     options |= {key: value for key in ("img_size", "batch_size") if (value := getattr(args, key)) is not None}
     if args.threads:
         torch.set_num_threads(args.threads)

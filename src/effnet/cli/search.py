@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from effnet.cli import workers_arg
 from effnet.search import Proxy, SearchSettings, search
 from effnet.search.report import format_table
 
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--optimizer", default="adamw", choices=("sgd", "rmsprop", "adamw"))
     g.add_argument("--augment", default="light")
     g.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"))
-    g.add_argument("--workers", default="auto", help="data-loader workers (default auto)")
+    g.add_argument("--workers", type=workers_arg, default="auto", help="data-loader workers (default auto)")
     g.add_argument("--threads", type=int, help="torch threads (default: every local core)")
     g.add_argument(
         "--launcher",
@@ -80,7 +81,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         precision=args.precision,
         val_split=args.val_split,
         data_dir=args.data_dir,
-        workers=int(args.workers) if str(args.workers).isdigit() else args.workers,
+        workers=args.workers,
         threads=args.threads,
         launcher=args.launcher,
     )

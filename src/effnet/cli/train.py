@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from effnet.cli import workers_arg
 from effnet.training.config import BN_FREEZE, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -78,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     group.add_argument("--mixup", type=float, help="MixUp alpha (0 = off)")
     group.add_argument("--cutmix", type=float, help="CutMix alpha (0 = off)")
-    group.add_argument("--workers", type=_workers, help="data loader processes (default auto)")
+    group.add_argument("--workers", type=workers_arg, help="data loader processes (default auto)")
 
     group = p.add_argument_group("speed and device")
     group.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
@@ -96,10 +97,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--tensorboard", action="store_true", help="TensorBoard logs in RUN/tensorboard")
     group.add_argument("--report", action=argparse.BooleanOptionalAction, help="write report.html (default on)")
     p.set_defaults(func=cmd_train)
-
-
-def _workers(value: str) -> int | str:
-    return value if value == "auto" else int(value)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
