@@ -167,14 +167,19 @@ def build(impl: str, variant: str, num_classes: int = 1000) -> nn.Module:
     return create_model(variant, num_classes=num_classes)
 
 
-def training_peak_memory(impl: str, variant: str, batch_size: int, img_size: int, setting: Setting | None) -> int:
+def training_peak_memory(
+    impl: str, variant: str, batch_size: int, img_size: int, setting: Setting | None, checkpointing: bool = False
+) -> int:
     """Peak resident memory of training steps above the footprint before the model was built
     (bytes), measured in this process: call it through `isolated_training_peak_memory`.
-    `setting` None means our default training path."""
+    `setting` None means our default training path; `checkpointing` adds our activation
+    checkpointing (`effnet train --grad-checkpointing`)."""
     torch.manual_seed(0)
     device = torch.device("cpu")
     baseline = reset_peak_memory(device)
     model = build(impl, variant)
+    if checkpointing:
+        model.set_grad_checkpointing()
     step = (
         ours_training(model, batch_size, img_size)
         if setting is None
@@ -186,10 +191,16 @@ def training_peak_memory(impl: str, variant: str, batch_size: int, img_size: int
 
 
 def isolated_training_peak_memory(
-    impl: str, variant: str, batch_size: int, img_size: int, setting: Setting | None
+    impl: str, variant: str, batch_size: int, img_size: int, setting: Setting | None, checkpointing: bool = False
 ) -> int:
     """`training_peak_memory` in a fresh process, so no earlier model's freed memory is reused unseen."""
-    return run_isolated(training_peak_memory, impl, variant, batch_size, img_size, setting)
+    return run_isolated(training_peak_memory, impl, variant, batch_size, img_size, setting, checkpointing)
+
+
+def ours_checkpointed_training(model: nn.Module, batch_size: int, img_size: int) -> Callable[[], object]:
+    """`ours_training` with activation checkpointing (`effnet train --grad-checkpointing`)."""
+    model.set_grad_checkpointing()
+    return ours_training(model, batch_size, img_size)
 
 
 def machine_description() -> str:

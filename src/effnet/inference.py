@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -89,7 +90,9 @@ class OpenVinoEngine:
         self.reference = model.cpu().eval()
         self.bf16 = runtime.cpu_supports_bf16()
         example = torch.zeros(1, 3, img_size, img_size)
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # Tracing notes that the 'same' padding sizes become constants: they are, at a fixed img_size.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             converted = ov.convert_model(self.reference, example_input=example, input=[(-1, 3, img_size, img_size)])
         precision = "bf16" if self.bf16 else "f32"
         compiled = ov.Core().compile_model(

@@ -178,3 +178,28 @@ def test_digits_split_sizes_and_stratification():
         == 178
     )
     assert summary["splits"]["test"]["image_size"]["max_hw"] == [8, 8]
+
+
+@pytest.mark.parametrize("source_hw", [(40, 48), (8, 8)], ids=["regular", "tiny"])
+def test_flip_false_never_mirrors(source_hw):
+    """An image whose left half is bright: with flips, some draws put the brightness on the right;
+    without, none do (handwriting, where a mirror image is another symbol or none)."""
+    image = torch.zeros(3, *source_hw, dtype=torch.uint8)
+    image[:, :, : source_hw[1] // 2] = 255
+    preprocess = {**PREPROCESS, "mean": (0, 0, 0), "std": (1, 1, 1)}
+
+    def right_brighter_count(flip: bool) -> int:
+        transform = build_transforms(preprocess, train=True, augment="light", flip=flip)
+        count = 0
+        for seed in range(20):
+            torch.manual_seed(seed)
+            out = transform(image)
+            count += int(out[:, :, 32:].mean() > out[:, :, :32].mean())
+        return count
+
+    assert right_brighter_count(True) > 0
+    assert right_brighter_count(False) == 0
+
+
+def test_digits_say_mirror_images_change_the_label():
+    assert load_data("digits").mirror_safe is False

@@ -22,6 +22,14 @@ images (FOLDER/train/<class>/*, optional FOLDER/val and FOLDER/test, or FOLDER/<
 --val-split), or a .tar/.tar.gz/.zip of such a folder. `effnet train --help` lists every option."""
 
 
+def minutes_list(text: str) -> list[float]:
+    """'5,10,20' -> [5.0, 10.0, 20.0]."""
+    try:
+        return sorted(float(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected minutes separated by commas, e.g. 5,10,20; got {text!r}") from error
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
@@ -46,13 +54,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--epochs", type=int, help=f"default {d.epochs}")
     group.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
     group.add_argument("--max-minutes", type=float, help="stop cleanly (checkpoint, test) at this wall-clock budget")
+    group.add_argument(
+        "--val-at-minutes",
+        type=minutes_list,
+        help="also validate at these training minutes, e.g. 5,10,20,40 (a time-to-accuracy curve)",
+    )
     group.add_argument("--patience", type=int, help="early stopping after N epochs without better val accuracy")
 
     group = p.add_argument_group("fine-tuning")
-    group.add_argument("--finetune", help=f"head | last:N | full | gradual (default {d.finetune})")
+    group.add_argument(
+        "--finetune",
+        help="auto | head | last:N | full | gradual (default auto: last:3 on cached features from pretrained "
+        "weights on a CPU, else full)",
+    )
     group.add_argument("--gradual-head-epochs", type=int, help=f"gradual: head-only epochs ({d.gradual_head_epochs})")
     group.add_argument("--layer-decay", type=float, help="LR factor per stage towards the input, e.g. 0.7")
     group.add_argument("--bn-freeze", choices=BN_FREEZE, help="BN statistics: auto = frozen in frozen layers")
+    group.add_argument(
+        "--cache-frozen",
+        action=argparse.BooleanOptionalAction,
+        help="with --finetune last:N, compute the frozen stages once per stored view and train the rest on them "
+        "(default: on when --finetune auto picks last:N)",
+    )
+    group.add_argument("--cache-views", type=int, help=f"--cache-frozen: views per image (default {d.cache_views})")
     group.add_argument("--bn-momentum", type=float, help=f"BN statistics momentum (default {d.bn_momentum})")
     group.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")
     group.add_argument("--lr", type=float, help="base learning rate (default: per optimizer, scaled by batch/64)")
@@ -77,6 +101,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("none", "light", "randaugment", "autoaugment", "trivialaugment"),
         help=f"default {d.augment}",
     )
+    group.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        help="random horizontal flips (default: on, except for data whose mirror images differ, e.g. digits)",
+    )
     group.add_argument("--mixup", type=float, help="MixUp alpha (0 = off)")
     group.add_argument("--cutmix", type=float, help="CutMix alpha (0 = off)")
     group.add_argument("--workers", type=workers_arg, help="data loader processes (default auto)")
@@ -85,6 +114,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
     group.add_argument("--precision", choices=PRECISIONS, help=f"autocast dtype (default {d.precision})")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="memory format (default on)")
+    group.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="store only each block's input and recompute the rest in backward (a fraction of the memory)",
+    )
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms only")
 

@@ -78,7 +78,7 @@ def load_digits(data_dir: Path, val_split: float, seed: int, download: bool, on_
     images, targets, class_names = _digits_pool()
     pool = ImageSplit(targets, images=images, on_bad_image=on_bad_image)
     train, val, test = carve(pool, [val_split, val_split], seed)
-    return DataSplits(train, val, test, list(class_names), source="digits (scikit-learn, 8x8)")
+    return DataSplits(train, val, test, list(class_names), source="digits (scikit-learn, 8x8)", mirror_safe=False)
 
 
 def _torchvision_dataset(factory: Callable, title: str, data_dir: Path, download: bool, **kwargs):

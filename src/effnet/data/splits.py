@@ -134,7 +134,8 @@ class ImageSplit(Dataset):
 @dataclass
 class DataSplits:
     """What `load_data` returns: the splits (val/test may be None), class names (label order),
-    a description of the source, and the files left out as bad (path, reason)."""
+    a description of the source, the files left out as bad (path, reason), and whether a mirror
+    image keeps its label (not for handwriting: a mirrored 2, 3 or 7 is no digit)."""
 
     train: ImageSplit
     val: ImageSplit | None
@@ -142,6 +143,7 @@ class DataSplits:
     class_names: list[str]
     source: str
     bad_images: list[tuple[str, str]] = field(default_factory=list)
+    mirror_safe: bool = True
 
     @property
     def num_classes(self) -> int:

@@ -10,7 +10,8 @@ already lose detail to upsampling, so cropping another 12.5% away would only hur
 whole (crop_pct taken as 1). Small images are therefore always upsampled to the model's resolution:
 feeding 32x32 images to a 224 model is how the classic tutorials got 78% on CIFAR-10.
 
-Train presets, each starting with a random resized crop to the output size and a horizontal flip:
+Train presets, each starting with a random resized crop to the output size and a horizontal flip (left out
+with `flip=False`, e.g. for handwriting, where a mirrored digit is no digit):
 
 * `none`: no randomness, the eval transform (for debugging, or data where flips change the label).
 * `light`: the crop and flip only (the classic tutorials' zoom/shift/flip). The crop keeps 25-100% of
@@ -69,7 +70,7 @@ class BySourceSize:
         return f"BySourceSize(size={self.size},\n  tiny={self.tiny},\n  regular={self.regular})"
 
 
-def _augmentation(size: int, augment: str, interpolation: v2.InterpolationMode) -> BySourceSize:
+def _augmentation(size: int, augment: str, interpolation: v2.InterpolationMode, flip: bool) -> BySourceSize:
     # Rotations and shears on tensors support nearest and bilinear only.
     bilinear = v2.InterpolationMode.BILINEAR
     policies = {
@@ -79,6 +80,7 @@ def _augmentation(size: int, augment: str, interpolation: v2.InterpolationMode) 
         "trivialaugment": [v2.TrivialAugmentWide(interpolation=bilinear)],
     }
     policy = policies[augment]
+    mirror = [v2.RandomHorizontalFlip()] if flip else []
 
     def crop(scale: tuple[float, float]) -> v2.RandomResizedCrop:
         return v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True)
@@ -86,8 +88,8 @@ def _augmentation(size: int, augment: str, interpolation: v2.InterpolationMode) 
     return BySourceSize(
         size,
         # Tiny sources are flipped and augmented before upsampling: far fewer pixels to process.
-        tiny=v2.Compose([v2.RandomHorizontalFlip(), *policy, crop(TINY_CROP_SCALE)]),
-        regular=v2.Compose([crop(CROP_SCALE), v2.RandomHorizontalFlip(), *policy]),
+        tiny=v2.Compose([*mirror, *policy, crop(TINY_CROP_SCALE)]),
+        regular=v2.Compose([crop(CROP_SCALE), *mirror, *policy]),
     )
 
 
@@ -98,10 +100,15 @@ def _output_size(preprocess: Mapping[str, Any], img_size: int | None) -> int:
 
 
 def build_transforms(
-    preprocess: Mapping[str, Any], train: bool, augment: str = "light", img_size: int | None = None
+    preprocess: Mapping[str, Any],
+    train: bool,
+    augment: str = "light",
+    img_size: int | None = None,
+    flip: bool = True,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The train (`train=True`, preset `augment`) or eval transform for a model's `preprocess` mapping
-    (input_size, crop_pct, interpolation, mean, std: `model.pretrained_cfg`); `img_size` overrides input_size."""
+    (input_size, crop_pct, interpolation, mean, std: `model.pretrained_cfg`); `img_size` overrides input_size.
+    `flip=False` leaves out the random horizontal flip (data whose mirror image changes the label)."""
     if augment not in AUGMENT_PRESETS:
         raise ValueError(f"unknown augmentation preset {augment!r}; choose one of {', '.join(AUGMENT_PRESETS)}")
     size = _output_size(preprocess, img_size)
@@ -109,7 +116,7 @@ def build_transforms(
     if not train or augment == "none":
         resize_or_augment: Callable = ResizeCenterCrop(size, float(preprocess.get("crop_pct", 1.0)), interpolation)
     else:
-        resize_or_augment = _augmentation(size, augment, interpolation)
+        resize_or_augment = _augmentation(size, augment, interpolation, flip)
     return v2.Compose(
         [
             resize_or_augment,

@@ -155,7 +155,10 @@ def plot_image_grid(
     """uint8 HxWx3 images in a grid with a caption over each (tiny images are shown with square pixels)."""
     columns = max(1, min(columns, len(images)))
     rows = max(1, -(-len(images) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    # Each caption line needs about 0.2 in of its own, or two-line captions reach into the row above.
+    caption_lines = max((t.count("\n") + 1 for t in titles), default=1)
+    row_height = 2.6 + 0.2 * caption_lines
+    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, row_height * rows), squeeze=False)
     for index, ax in enumerate(axes.flat):
         ax.axis("off")
         if index >= len(images):
@@ -166,5 +169,5 @@ def plot_image_grid(
         ax.set_title(titles[index], fontsize=8.5, color=colour)
     if title:
         figure.suptitle(title, fontsize=12)
-    figure.tight_layout()
+    figure.tight_layout(h_pad=1.0)
     return figure

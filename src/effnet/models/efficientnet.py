@@ -5,12 +5,14 @@ and the `classifier`."""
 from __future__ import annotations
 
 from dataclasses import asdict, replace
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from effnet.models.layers import ConvBNAct, MBConv
+from effnet.models.layers import ConvBNAct, MBConv, recompute_without_running_stats
 from effnet.models.spec import ModelConfig
 
 
@@ -52,6 +54,7 @@ class EfficientNet(nn.Module):
         self.num_features = config.head_channels
         self.classifier: nn.Module = self._make_classifier(config.num_classes)
         self.feature_info = self._describe_feature_maps()
+        self.grad_checkpointing = False
         self._init_weights()
 
     # ----------------------------------------------------------------------------------------
@@ -106,10 +109,26 @@ class EfficientNet(nn.Module):
                 "dimension with x.unsqueeze(0) for a single image."
             )
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing: in training, keep only each MBConv block's input and recompute
+        its inside during the backward pass. Peak training memory falls to a fraction (see
+        benchmarks/README.md) for about one more forward pass of compute; outputs and gradients are
+        unchanged, and batch norm running statistics are updated once per step, not again when a
+        block is recomputed."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The head's feature map (N, num_features, H/32, W/32), before pooling."""
         self._check_input(x)
-        return self.head(self.stages(self.stem(x)))
+        x = self.stem(x)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for stage in self.stages:
+                for block in stage:
+                    contexts = partial(recompute_without_running_stats, block)
+                    x = checkpoint(block, x, use_reentrant=False, context_fn=contexts)
+        else:
+            x = self.stages(x)
+        return self.head(x)
 
     def forward_feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps at strides 2, 4, 8, 16 and 32 (see `feature_info`), for detection or

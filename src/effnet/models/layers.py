@@ -6,7 +6,9 @@ state-dict layout; `weights.py` maps torchvision's, timm's and efficientnet_pyto
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -158,3 +160,26 @@ class MBConv(nn.Module):
         if self.has_residual:
             out = self.drop_path(out) + x
         return out
+
+
+def recompute_without_running_stats(module: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
+    """`context_fn` for `torch.utils.checkpoint`: the first forward pass runs as usual; during the
+    recomputation in the backward pass every batch norm of `module` normalises with the batch's
+    statistics again but leaves its running statistics alone (momentum 0, counter restored), so
+    that checkpointing does not update them twice per step."""
+    return contextlib.nullcontext(), _running_stats_frozen(module)
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, (momentum, count) in zip(norms, saved, strict=True):
+            norm.momentum = momentum
+            if count is not None:
+                norm.num_batches_tracked.copy_(count)

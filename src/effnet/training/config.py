@@ -4,13 +4,13 @@ run folder so that a run can be read, repeated and resumed from its folder alone
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-FINETUNE_MODES = ("head", "full", "gradual")  # plus "last:N"
+FINETUNE_MODES = ("auto", "head", "full", "gradual")  # plus "last:N"
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 SCHEDULES = ("cosine", "plateau", "step")
 BN_FREEZE = ("auto", "on", "off")
@@ -34,16 +34,19 @@ class TrainConfig:
 
     # How long.
     epochs: int = 3
-    batch_size: int = 32
+    batch_size: int = 64
     max_minutes: float | None = None  # stop cleanly (checkpoint, test) at this wall-clock budget
     patience: int | None = None  # early stopping: epochs without a better validation accuracy
+    val_at_minutes: list[float] = field(default_factory=list)  # also validate mid-epoch at these minutes
 
     # What is trained.
-    finetune: str = "full"  # head | last:N | full | gradual
+    finetune: str = "auto"  # auto | head | last:N | full | gradual (auto: see finetune.resolve_auto)
     gradual_head_epochs: int = 1  # "gradual": epochs of head-only training before unfreezing all
     layer_decay: float | None = None  # LR multiplier per stage going down from the head (e.g. 0.7)
     bn_freeze: str = "auto"  # auto: BN statistics frozen in frozen layers; on/off force it everywhere
     bn_momentum: float | None = 0.1  # None keeps the weights' own (TF ports: 0.01, too slow to adapt)
+    cache_frozen: bool | None = None  # last:N: run the frozen stages once per stored view; None: with auto
+    cache_views: int = 4  # views stored per image: plain, mirrored, then draws of the augment preset
 
     # Optimisation.
     optimizer: str = "sgd"
@@ -65,6 +68,7 @@ class TrainConfig:
 
     # Data pipeline.
     augment: str = "light"
+    flip: bool | None = None  # random horizontal flips; None: unless the data says mirror images differ (digits)
     mixup: float = 0.0
     cutmix: float = 0.0
     workers: int | str = "auto"
@@ -73,6 +77,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
+    grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 slower
     compile: bool = False
     deterministic: bool = False
 
@@ -104,10 +109,28 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.cache_frozen:
+            self._validate_cache_frozen()
+        if any(minutes <= 0 for minutes in self.val_at_minutes):
+            raise ValueError(f"val_at_minutes must be positive minutes, got {self.val_at_minutes}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def _validate_cache_frozen(self) -> None:
+        mode, count = parse_finetune(self.finetune)
+        if mode not in ("last", "auto") or count > 7:
+            raise ValueError(
+                f"cache_frozen needs a frozen prefix that stays frozen: use finetune last:N with N from 1 to 7 "
+                f"(got {self.finetune!r})"
+            )
+        if self.mixup or self.cutmix:
+            raise ValueError("cache_frozen trains on stored features, not images: turn off mixup and cutmix")
+        if self.bn_freeze == "off":
+            raise ValueError("cache_frozen keeps the frozen stages' BatchNorm statistics fixed: bn_freeze 'off' cannot")
+        if self.cache_views < 1:
+            raise ValueError(f"cache_views must be at least 1, got {self.cache_views}")
 
     def replace(self, **overrides: Any) -> TrainConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
@@ -135,7 +158,7 @@ def parse_finetune(mode: str) -> tuple[str, int]:
             return "last", int(count)
     elif mode in FINETUNE_MODES:
         return mode, 0
-    raise ValueError(f"finetune={mode!r}: expected head, last:N (N >= 1 stages), full or gradual")
+    raise ValueError(f"finetune={mode!r}: expected auto, head, last:N (N >= 1 stages), full or gradual")
 
 
 def default_lr(optimizer: str, batch_size: int) -> float:

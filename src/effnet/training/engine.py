@@ -31,6 +31,7 @@ from effnet.models.efficientnet import EfficientNet
 from effnet.models.registry import create_model
 from effnet.profiling import count_params
 from effnet.runtime import autocast, autocast_dtype, pick_device, prepare_model
+from effnet.training.cached import build_feature_cache, frozen_stage_count, trainable_suffix
 from effnet.training.checkpoint import (
     check_compatible,
     load_state,
@@ -46,6 +47,7 @@ from effnet.training.finetune import (
     first_trainable_part,
     freeze,
     param_groups,
+    resolve_auto,
     set_train_mode,
 )
 from effnet.training.schedule import LRSchedule
@@ -106,6 +108,7 @@ def _train(
     torch.manual_seed(config.seed)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
+    config = resolve_auto(config, device)
     splits = data if isinstance(data, DataSplits) else _load_splits(config)
     net = _build_model(model, config, splits.class_names, state, run_dir)
     config = replace(config, model=_model_name(net), data=config.data or splits.source)
@@ -123,12 +126,7 @@ def _train(
         device,
     )
 
-    preprocess = net.pretrained_cfg
-    train_set = TransformedDataset(
-        splits.train, build_transforms(preprocess, train=True, augment=config.augment, img_size=img_size), config.seed
-    )
-    eval_transform = build_transforms(preprocess, train=False, img_size=img_size)
-    val_set = TransformedDataset(splits.val, eval_transform, config.seed) if splits.val else None
+    train_set, val_set, cut = _training_sets(net, splits, img_size, config, device)
     batches_per_epoch = len(train_set) // context.world_size // config.batch_size
     if batches_per_epoch == 0:
         raise ValueError(
@@ -137,6 +135,7 @@ def _train(
         )
 
     net = prepare_model(net, device, config.channels_last)
+    net.set_grad_checkpointing(config.grad_checkpointing)
     dtype = autocast_dtype(device, config.precision)
     ema = _make_ema(net, config.ema_decay) if config.ema else None
     eval_net = ema.module if ema else net
@@ -181,6 +180,8 @@ def _train(
         log.info("resuming %s at epoch %d, batch %d", run_dir, progress["epoch"] + 1, progress["batches_done"])
 
     elapsed_before = progress["elapsed_s"]  # wall time of the run before this resume
+    pending_checks = [m for m in config.val_at_minutes if m * 60 > elapsed_before] if val_set else []
+    curve: list[dict[str, float]] = []  # mid-epoch validation (--val-at-minutes), in results.json
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started
@@ -211,7 +212,7 @@ def _train(
         if first_trainable_part(net, config, epoch) != trainable_from:  # first epoch, or "gradual" unfreezes
             trainable_from = first_trainable_part(net, config, epoch)
             freeze(net, trainable_from)
-            train_model = _wrap(net, config, context, device)
+            train_model = _wrap(net if cut is None else trainable_suffix(net, cut), config, context, device)
             trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
             log.info("epoch %d: training %s of %s parameters", epoch + 1, f"{trainable:,}", f"{count_params(net):,}")
         train_set.set_epoch(epoch)
@@ -283,6 +284,10 @@ def _train(
                     ema.update_parameters(net)
                 progress["step"] += 1
                 progress["batches_done"] = index + 1
+                if pending_checks and _any_process(elapsed() >= pending_checks[0] * 60, context, device):
+                    pending_checks.pop(0)
+                    curve.append(_mid_epoch_check(eval_net, cut, val_set, config, device, dtype, context, elapsed()))
+                    set_train_mode(net, trainable_from, config.bn_freeze)
                 if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0:
                     progress["partial"] = [loss_sum, correct, seen, seconds + time.perf_counter() - tick]
                     save_resume_state()
@@ -301,7 +306,7 @@ def _train(
             save_resume_state()
             break
 
-        val = evaluate(eval_net, val_set, config, device, dtype, context) if val_set else None
+        val = evaluate(_val_model(eval_net, cut), val_set, config, device, dtype, context) if val_set else None
         schedule.epoch_end(val["acc"] if val else None)
         done = progress["batches_done"] / batches_per_epoch
         row = {
@@ -340,7 +345,8 @@ def _train(
         log.info("stopped: %s", stop_reason)
 
     eval_net.load_state_dict(best_state)
-    test = evaluate(eval_net, _test_set(splits, eval_transform, config), config, device, dtype, context)
+    test_set = TransformedDataset(splits.test, _eval_transform(net, img_size), config.seed) if splits.test else None
+    test = evaluate(eval_net, test_set, config, device, dtype, context)
     results = {
         "test_acc": test["acc"] if test else None,
         "test_top5": test["top5"] if test else None,
@@ -358,6 +364,7 @@ def _train(
         "images_per_s": history[-1]["images_per_s"] if history else None,
         "device": str(device),
         "world_size": context.world_size,
+        "val_at_minutes": curve,
     }
     if test:
         log.info("test accuracy %.2f%% (top-5 %.2f%%) on %d images", 100 * test["acc"], 100 * test["top5"], test["n"])
@@ -544,7 +551,29 @@ def _make_ema(net: EfficientNet, decay: float) -> AveragedModel:
     return AveragedModel(net, avg_fn=update, use_buffers=True)
 
 
-def _wrap(net: EfficientNet, config: TrainConfig, context: DistContext, device: torch.device) -> nn.Module:
+def _val_model(eval_net: EfficientNet, cut: int | None) -> nn.Module:
+    """The evaluated network, or with cached features its part after the frozen prefix."""
+    return eval_net if cut is None else trainable_suffix(eval_net, cut)
+
+
+def _mid_epoch_check(
+    eval_net: EfficientNet,
+    cut: int | None,
+    val_set: Dataset,
+    config: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    context: DistContext,
+    seconds: float,
+) -> dict[str, float]:
+    """Validation at a --val-at-minutes mark; the caller puts the network back in training mode."""
+    with torch.random.fork_rng(devices=[]):  # the loader draws a seed: keep the training stream as it was
+        val = evaluate(_val_model(eval_net, cut), val_set, config, device, dtype, context)
+    log.info("at %.1f min: val loss %.4f acc %.2f%%", seconds / 60, val["loss"], 100 * val["acc"])
+    return {"minutes": round(seconds / 60, 2), "val_acc": val["acc"], "val_loss": val["loss"]}
+
+
+def _wrap(net: nn.Module, config: TrainConfig, context: DistContext, device: torch.device) -> nn.Module:
     """DDP (rebuilt whenever the trainable set changes) and torch.compile around the network."""
     model: nn.Module = net
     if context.enabled:
@@ -565,8 +594,26 @@ def _any_process(flag: bool, context: DistContext, device: torch.device) -> bool
     return all_reduce_sum([float(flag)], context, device)[0] > 0 if context.enabled else flag
 
 
-def _test_set(splits: DataSplits, transform: Any, config: TrainConfig) -> Dataset | None:
-    return TransformedDataset(splits.test, transform, config.seed) if splits.test else None
+def _eval_transform(net: EfficientNet, img_size: int) -> Any:
+    return build_transforms(net.pretrained_cfg, train=False, img_size=img_size)
+
+
+def _training_sets(
+    net: EfficientNet, splits: DataSplits, img_size: int, config: TrainConfig, device: torch.device
+) -> tuple[Dataset, Dataset | None, int | None]:
+    """The training and validation sets the loop reads: augmented images and evaluation-transformed
+    images, or with --cache-frozen the frozen prefix's stored outputs; and the number of frozen
+    stages whose outputs are cached (None without the cache)."""
+    flip = splits.mirror_safe if config.flip is None else config.flip
+    if config.cache_frozen:
+        cut = frozen_stage_count(first_trainable_part(net, config, 0))
+        return (*build_feature_cache(net, cut, splits.train, splits.val, img_size, config, device, flip), cut)
+    train_transform = build_transforms(
+        net.pretrained_cfg, train=True, augment=config.augment, img_size=img_size, flip=flip
+    )
+    train_set = TransformedDataset(splits.train, train_transform, config.seed)
+    val_set = TransformedDataset(splits.val, _eval_transform(net, img_size), config.seed) if splits.val else None
+    return train_set, val_set, None
 
 
 def _summary_line(row: dict[str, Any], epochs: int) -> str:

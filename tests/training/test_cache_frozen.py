@@ -1,0 +1,133 @@
+"""`--cache-frozen`: the cached views are the frozen prefix's outputs, training on them equals
+training the whole model with that prefix frozen, and only the suffix changes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import tiny_model
+
+from effnet.data import build_transforms, load_data
+from effnet.models.frozen import split_at_stage
+from effnet.training import TrainConfig, cached, fit
+from effnet.training.cached import CachedFeatures, build_feature_cache
+from effnet.training.finetune import freeze, resolve_auto, set_train_mode
+
+
+def test_views_are_a_pure_function_of_seed_epoch_and_index() -> None:
+    features = torch.arange(3 * 50, dtype=torch.float32).reshape(3, 50, 1, 1, 1)
+    data = CachedFeatures(features, torch.zeros(50, dtype=torch.long), seed=1)
+    picks = {epoch: [int(data[i][0]) // 50 for i in range(50) if data.set_epoch(epoch) is None] for epoch in (0, 1)}
+    data.set_epoch(0)
+    assert [int(data[i][0]) // 50 for i in range(50)] == picks[0]
+    assert picks[0] != picks[1] and set(picks[0]) == {0, 1, 2}  # every view is used
+    assert all(int(data[i][0]) % 50 == i for i in range(50))  # item i is always image i
+
+
+@pytest.mark.parametrize("engine", ["torch", "openvino"])
+def test_cached_views_are_the_prefix_outputs_of_the_plain_and_mirrored_image(image_folder, engine, monkeypatch):
+    if engine == "openvino":
+        pytest.importorskip("openvino")
+    else:
+        monkeypatch.setattr("effnet.inference.openvino_available", lambda: False)
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    splits = load_data(str(image_folder), val_split=0.25, seed=0)
+    train, val = build_feature_cache(
+        model, 3, splits.train, splits.val, 32, TrainConfig(cache_views=3, workers=0), torch.device("cpu")
+    )
+    assert train.features.shape[:2] == (3, len(splits.train)) and train.features.dtype == torch.bfloat16
+    assert val is not None and val.features.shape[:2] == (1, len(splits.val))
+    plain = build_transforms(model.pretrained_cfg, train=False, img_size=32)
+    images = torch.stack([plain(splits.train[i][0]) for i in range(4)])
+    prefix = split_at_stage(model, 3)[0]
+    for view, batch in ((0, images), (1, torch.flip(images, dims=[3]))):
+        expected = prefix(batch)
+        error = (train.features[view, :4].float() - expected).norm() / expected.norm()
+        assert error < 0.05, (view, float(error))  # bf16 tolerance
+    assert (train.features[2] != train.features[0]).any()  # an augmented draw, not a copy of the plain view
+    assert train.labels.tolist() == [splits.train[i][1] for i in range(len(splits.train))]
+
+
+def test_training_on_features_gives_the_whole_models_gradients() -> None:
+    """One step on cached features is one step of the whole model with its prefix frozen (fp32)."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    freeze(model, 4)  # stem + stages 1-3 frozen: the prefix of 3 stages
+    set_train_mode(model, 4, "auto")
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    state = torch.get_rng_state()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    prefix, suffix = cached.split_at_stage(model, 3)[0], cached.trainable_suffix(model, 3)
+    features = prefix(x)
+    torch.set_rng_state(state)  # the same stochastic-depth draws
+    torch.nn.functional.cross_entropy(suffix(features), y).backward()
+    got = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(expected) and not any(name.startswith(("stem", "stages.0")) for name in got)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fit_with_cache_frozen_trains_only_the_suffix_and_tests_the_whole_model(image_folder, fast_options, caplog):
+    caplog.set_level(logging.INFO, logger="effnet")
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    options = fast_options | {"finetune": "last:4", "cache_frozen": True, "cache_views": 2, "val_at_minutes": [1e-4]}
+    result = fit(model, str(image_folder), **options)
+    after = {k: v.cpu() for k, v in result.model.state_dict().items()}
+    changed = {k.split(".")[0] + "." + k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(not k.startswith(("stem", "stages.0", "stages.1", "stages.2")) for k in changed)
+    assert any(k.startswith("stages.3") for k in changed)
+    results = json.loads((Path(fast_options["output"]) / "results.json").read_text())
+    assert results["test_images"] == 12 and results["test_acc"] is not None
+    assert len(results["val_at_minutes"]) == 1 and 0 <= results["val_at_minutes"][0]["val_acc"] <= 1
+    log = (Path(fast_options["output"]) / "train.log").read_text()
+    assert "cached the frozen stem + 3 stage(s): 2 view(s)" in log
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"finetune": "full"}, "finetune last:N"),
+        ({"finetune": "head"}, "finetune last:N"),
+        ({"finetune": "last:2", "mixup": 0.2}, "mixup and cutmix"),
+        ({"finetune": "last:2", "bn_freeze": "off"}, "bn_freeze"),
+        ({"finetune": "last:2", "cache_views": 0}, "cache_views"),
+    ],
+)
+def test_cache_frozen_rejects_settings_it_cannot_honour(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(cache_frozen=True, **options)
+
+
+def test_val_at_minutes_must_be_positive():
+    with pytest.raises(ValueError, match="val_at_minutes"):
+        TrainConfig(val_at_minutes=[0.0])
+
+
+@pytest.mark.parametrize(
+    ("settings", "device", "finetune", "cache"),
+    [
+        ({"pretrained": True}, "cpu", "last:3", True),
+        ({"pretrained": True}, "cuda", "full", False),
+        ({"pretrained": False}, "cpu", "full", False),
+        ({"pretrained": True, "mixup": 0.2}, "cpu", "last:3", False),  # mixup needs images: no cache
+        ({"pretrained": True, "finetune": "last:2"}, "cpu", "last:2", False),  # asked for: no silent cache
+        ({"pretrained": True, "finetune": "last:2", "cache_frozen": True}, "cpu", "last:2", True),
+        ({"pretrained": True, "cache_frozen": False}, "cpu", "last:3", False),
+    ],
+)
+def test_auto_finetune_resolves_to_a_concrete_mode(settings, device, finetune, cache):
+    resolved = resolve_auto(TrainConfig(**settings), torch.device(device))
+    assert (resolved.finetune, resolved.cache_frozen) == (finetune, cache)
+
+
+def test_cache_frozen_with_auto_on_a_gpu_is_refused():
+    with pytest.raises(ValueError, match="finetune last:N"):
+        resolve_auto(TrainConfig(pretrained=True, cache_frozen=True), torch.device("cuda"))
