@@ -174,7 +174,8 @@ def _cache(views: list[TransformedDataset], run_prefix, seed: int, workers: int 
             if features is None:
                 features = torch.empty((len(views), len(dataset), *out.shape[1:]), dtype=CACHE_DTYPE)
             features[view, start : start + len(out)] = out.to(CACHE_DTYPE)
-            labels[start : start + len(out)] = batch_labels
+            if view == 0:  # every view holds the same images in the same order
+                labels[start : start + len(out)] = batch_labels
             start += len(out)
     assert features is not None
     return CachedFeatures(features, labels, seed)
