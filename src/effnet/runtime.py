@@ -7,6 +7,8 @@ the same thing everywhere (`effnet bench` measures exactly what `effnet train` r
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -61,6 +63,27 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if device.type == "cpu" and cpu_supports_bf16():
         return torch.bfloat16
     return None
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number (malloc.h)
+
+
+def release_freed_memory_eagerly(threshold_bytes: int = 128 * 1024) -> bool:
+    """Make glibc's malloc give large freed blocks back to the system at once; True if it took.
+
+    By default glibc raises its mmap threshold to the size of the largest block freed so far (up to
+    32 MiB), so a training step's activations of a few MiB each come from the heap, and the heap's
+    holes keep the process's resident memory at its worst step's fragmentation. A fixed threshold
+    serves every block above it by mmap and unmaps it on free. Measured (B0 224 px batch 32, two
+    SGD steps, peak RSS; benchmarks/README.md): with --grad-checkpointing 856 -> 563 MiB, at the
+    price of page faults on every large allocation. A no-op (False) off glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
 
 
 @contextlib.contextmanager
