@@ -84,3 +84,26 @@ def test_predict_onnxruntime_backend_matches_torch(photo_folder: Path, tmp_path:
 def test_predict_rejects_unknown_model(photo_folder: Path, capsys) -> None:
     assert main(["predict", "no_such_model", str(photo_folder / "chelsea.jpg")]) == 1
     assert "effnet models" in capsys.readouterr().err
+
+
+def test_predict_tta_averages_the_image_and_its_mirror(photo_folder: Path) -> None:
+    import torch
+
+    from effnet.inference import TorchEngine
+    from effnet.predict import predict_files
+    from effnet.trained import load_trained
+
+    trained = load_trained("efficientnet_lite0")
+    engine = TorchEngine(trained.model)
+    seen: list[torch.Tensor] = []
+
+    def recording(images: torch.Tensor) -> torch.Tensor:
+        seen.append(images)
+        return engine(images)
+
+    path = photo_folder / "chelsea.jpg"
+    mirrored = predict_files(trained, [path], recording, top_k=3, img_size=128, tta=True)[0][0]
+    assert len(seen) == 2 and torch.equal(seen[1], seen[0].flip(3))
+    expected = ((engine(seen[0]) + engine(seen[1])) / 2).softmax(1)[0].topk(3)
+    assert [label for label, _ in mirrored.top] == [trained.label(i) for i in expected.indices.tolist()]
+    assert [p for _, p in mirrored.top] == pytest.approx(expected.values.tolist())

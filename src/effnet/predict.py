@@ -64,8 +64,10 @@ def predict_files(
     top_k: int = 5,
     batch_size: int = 32,
     img_size: int | None = None,
+    tta: bool = False,
 ) -> tuple[list[Prediction], list[Failure]]:
-    """Read, preprocess (the model's eval transform) and classify `paths` in batches."""
+    """Read, preprocess (the model's eval transform) and classify `paths` in batches; with `tta`
+    from logits averaged over each image and its mirror image."""
     transform = build_transforms(trained.preprocess, train=False, img_size=img_size)
     predictions: list[Prediction] = []
     failures: list[Failure] = []
@@ -81,7 +83,11 @@ def predict_files(
             names.append(str(path))
         if not batch:
             continue
-        probabilities = engine(torch.stack(batch)).float().softmax(1)
+        images = torch.stack(batch)
+        logits = engine(images).float()
+        if tta:
+            logits = (logits + engine(images.flip(3)).float()) / 2
+        probabilities = logits.softmax(1)
         values, indices = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
         for name, row_values, row_indices in zip(names, values.tolist(), indices.tolist(), strict=True):
             top = [(trained.label(i), p) for i, p in zip(row_indices, row_values, strict=True)]

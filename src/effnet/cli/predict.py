@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, help="input resolution (default: the model's own)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default auto)")
+    p.add_argument("--tta", action="store_true", help="average with the mirror image (twice the compute)")
     p.add_argument("--json", metavar="FILE", help="also write the predictions and failures as JSON")
     p.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV")
     p.set_defaults(func=cmd_predict)
@@ -39,7 +40,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths, failures = collect_images(args.images)
     trained = load_trained(args.model)
     engine = trained.engine(args.backend, args.img_size)
-    predictions, unreadable = predict_files(trained, paths, engine, args.top_k, args.batch_size, args.img_size)
+    predictions, unreadable = predict_files(
+        trained, paths, engine, args.top_k, args.batch_size, args.img_size, args.tta
+    )
     failures += unreadable
     print(format_table(predictions))
     for failure in failures:
