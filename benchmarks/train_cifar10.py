@@ -45,6 +45,18 @@ RECIPES: dict[str, dict] = {
         "epochs": 8,
         "warmup_steps": 100,
     },
+    # The same without dropout and stochastic depth: in a 7-minute probe from one shared cache, val 88.7% against
+    # 87.9% with them (lr 0.1: 88.1%, lr 0.02: 86.6%); a few epochs of fine-tuning need no extra regularisation.
+    "r192-cached-last4-nodrop": {
+        "img_size": 192,
+        "finetune": "last:4",
+        "cache_frozen": True,
+        "batch_size": 64,
+        "epochs": 8,
+        "warmup_steps": 100,
+        "drop_rate": 0.0,
+        "drop_path_rate": 0.0,
+    },
     # The same recipes without the cache: the frozen prefix runs forward on every batch.
     "last3": {"finetune": "last:3", "batch_size": 64, "epochs": 8, "warmup_steps": 100},
     "r192-last4": {"img_size": 192, "finetune": "last:4", "batch_size": 64, "epochs": 8, "warmup_steps": 100},
@@ -89,16 +101,20 @@ def main() -> None:
             minutes += row["epoch_time_s"] / 60
             curve.append((round(minutes, 1), row["epoch"], row["val_acc"]))
         results = result.results
+        tta = results["test_acc_tta"]
         print(
             f"recipe {name}: test accuracy {results['test_acc']:.2%} (top-5 {results['test_top5']:.2%}) on "
-            f"{results['test_images']} images at {results['img_size']}px; training {minutes:.1f} min, "
-            f"wall {wall / 60:.1f} min with evaluation; {results['images_per_s']:.1f} img/s"
+            f"{results['test_images']} images at {results['img_size']}px"
+            + (f", {tta:.2%} with flip TTA" if tta is not None else "")
+            + f"; training {minutes:.1f} min, wall {wall / 60:.1f} min with evaluation; "
+            f"{results['images_per_s']:.1f} img/s"
         )
         print("  val accuracy vs training minutes: " + ", ".join(f"{m} min (epoch {e}): {a:.2%}" for m, e, a in curve))
         marks_reached = ", ".join(f"{c['minutes']} min: {c['val_acc']:.2%}" for c in results["val_at_minutes"])
         print(f"  val accuracy at the --val-at-minutes marks: {marks_reached or '-'}")
         summary[name] = {
             "test_acc": results["test_acc"],
+            "test_acc_tta": tta,
             "wall_min": wall / 60,
             "curve": curve,
             "marks": results["val_at_minutes"],

@@ -165,3 +165,31 @@ def test_pretrained_model_for_new_classes_starts_from_a_zero_head_and_fast_bn(im
     result = fit("efficientnet_lite0", str(image_folder), pretrained=True, **options)
     assert not result.model.classifier.weight.any() and not result.model.classifier.bias.any()
     assert result.model.config.bn_momentum == 0.1 and result.model.head.bn.momentum == 0.1
+
+
+def test_test_accuracy_with_flip_tta_is_reported_beside_the_single_view(image_folder, fast_options, tmp_path):
+    results = effnet.fit(tiny_model(), str(image_folder), **fast_options).results
+    assert results["test_acc_tta"] is not None and 0 <= results["test_acc_tta"] <= 1  # flips on: TTA reported
+    without = fast_options | {"tta": False, "output": str(tmp_path / "no-tta")}
+    assert effnet.fit(tiny_model(), str(image_folder), **without).results["test_acc_tta"] is None
+
+
+def test_tta_metrics_average_the_logits_of_each_image_and_its_mirror():
+    from effnet.training.engine import evaluate
+
+    class LeftMinusRight(torch.nn.Module):
+        """Class 0 scores the left half's brightness, class 1 the right half's: mirroring swaps them."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            half = x.shape[3] // 2
+            return torch.stack([x[..., :half].mean((1, 2, 3)), x[..., half:].mean((1, 2, 3)) + 0.01], dim=1)
+
+    images = torch.rand(10, 3, 4, 4)
+    labels = torch.zeros(10, dtype=torch.long)
+    images[:, :, :, :2] += 1.0  # left half brighter: class 0 is right for a single view ...
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    config = TrainConfig(batch_size=4, workers=0, channels_last=False)
+    metrics = evaluate(LeftMinusRight(), dataset, config, torch.device("cpu"), None, tta=True)
+    assert metrics["acc"] == 1.0 and metrics["n"] == 10
+    assert metrics["tta_acc"] == 0.0  # ... and the mirror average is the same for both classes but the 0.01
+    assert "tta_acc" not in evaluate(LeftMinusRight(), dataset, config, torch.device("cpu"), None)

@@ -69,6 +69,7 @@ class TrainConfig:
     # Data pipeline.
     augment: str = "light"
     flip: bool | None = None  # random horizontal flips; None: unless the data says mirror images differ (digits)
+    tta: bool | None = None  # also report test accuracy averaged with mirror images; None: as `flip`
     mixup: float = 0.0
     cutmix: float = 0.0
     workers: int | str = "auto"

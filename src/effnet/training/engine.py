@@ -30,7 +30,7 @@ from effnet.models.checkpoint import config_from_dict, config_to_dict, load_mode
 from effnet.models.efficientnet import EfficientNet
 from effnet.models.registry import create_model
 from effnet.profiling import count_params
-from effnet.runtime import autocast, autocast_dtype, pick_device, prepare_model
+from effnet.runtime import autocast, autocast_dtype, pick_device, prepare_model, release_freed_memory_eagerly
 from effnet.training.cached import build_feature_cache, frozen_stage_count, trainable_suffix
 from effnet.training.checkpoint import (
     check_compatible,
@@ -126,7 +126,8 @@ def _train(
         device,
     )
 
-    train_set, val_set, cut = _training_sets(net, splits, img_size, config, device)
+    flip = splits.mirror_safe if config.flip is None else config.flip
+    train_set, val_set, cut = _training_sets(net, splits, img_size, config, device, flip)
     batches_per_epoch = len(train_set) // context.world_size // config.batch_size
     if batches_per_epoch == 0:
         raise ValueError(
@@ -134,8 +135,12 @@ def _train(
             f"per process; lower --batch-size"
         )
 
-    net = prepare_model(net, device, config.channels_last)
+    # Fusing batch norm with its activation saves training memory at ~10% of the step's speed; the
+    # cached path trains only the small suffix, where speed is what counts.
+    net = prepare_model(net, device, config.channels_last, memory_efficient=not config.cache_frozen)
     net.set_grad_checkpointing(config.grad_checkpointing)
+    if config.grad_checkpointing and release_freed_memory_eagerly():
+        log.info("memory saving: activation checkpointing, and freed blocks returned to the system at once")
     dtype = autocast_dtype(device, config.precision)
     ema = _make_ema(net, config.ema_decay) if config.ema else None
     eval_net = ema.module if ema else net
@@ -148,19 +153,7 @@ def _train(
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     tensorboard = _open_tensorboard(run_dir) if config.tensorboard and context.is_main else None
     current_lr = lr
-    log.info(
-        "fine-tuning %s with %s lr %.3g (%s schedule), batch %d x %d step(s) x %d process(es), %s, precision %s%s",
-        config.finetune,
-        config.optimizer,
-        lr,
-        config.schedule,
-        config.batch_size,
-        config.accum_steps,
-        context.world_size,
-        f"{config.epochs} epoch(s)" + (f" or {config.max_minutes:g} min" if config.max_minutes else ""),
-        DTYPE_NAMES[dtype],
-        ", channels_last" if config.channels_last else "",
-    )
+    _log_plan(config, lr, context, dtype)
 
     progress = {"epoch": 0, "batches_done": 0, "step": 0, "best_val_acc": -1.0, "best_epoch": 0, "bad_epochs": 0}
     progress |= {"elapsed_s": 0.0, "partial": [0.0, 0.0, 0.0, 0.0]}  # loss sum, correct, seen, seconds
@@ -168,11 +161,12 @@ def _train(
     best_state = {k: v.detach().clone() for k, v in eval_net.state_dict().items()}
     restore_rng = None
     if state:
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        if ema:
-            ema.load_state_dict(state["ema"])
+        # Every process restores the RNG state rank 0 saved: all ranks seed alike and draw alike
+        # (dropout, drop path; data order and augmentation are seeded per epoch and image), so
+        # their generators are equal at any step.
+        for part, part_state in (("optimizer", optimizer), ("schedule", schedule), ("scaler", scaler), ("ema", ema)):
+            if part_state is not None:
+                part_state.load_state_dict(state[part])
         progress, restore_rng = dict(state["progress"]), state["rng"]
         history = [row for row in state["history"] if row["epoch"] <= progress["epoch"]]
         if (run_dir / "best.pt").is_file():
@@ -216,20 +210,7 @@ def _train(
             trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
             log.info("epoch %d: training %s of %s parameters", epoch + 1, f"{trainable:,}", f"{count_params(net):,}")
         train_set.set_epoch(epoch)
-        sampler = _distributed_sampler(train_set, context, config.seed, epoch)
-        batches = iter(
-            make_loader(
-                train_set,
-                config.batch_size,
-                shuffle=sampler is None,
-                seed=config.seed,
-                epoch=epoch,
-                num_workers=config.workers,
-                drop_last=True,
-                sampler=sampler,
-                skip_batches=progress["batches_done"],
-            )
-        )
+        batches = _epoch_batches(train_set, config, context, epoch, progress["batches_done"])
         if restore_rng:  # after creating the loader iterator, which may draw from the global generator
             set_rng_state(restore_rng)
             restore_rng = None
@@ -346,11 +327,11 @@ def _train(
 
     eval_net.load_state_dict(best_state)
     test_set = TransformedDataset(splits.test, _eval_transform(net, img_size), config.seed) if splits.test else None
-    test = evaluate(eval_net, test_set, config, device, dtype, context)
+    tta = flip if config.tta is None else config.tta
+    test = evaluate(eval_net, test_set, config, device, dtype, context, tta=tta)
     results = {
-        "test_acc": test["acc"] if test else None,
-        "test_top5": test["top5"] if test else None,
-        "test_loss": test["loss"] if test else None,
+        **{f"test_{key}": test[key] if test else None for key in ("acc", "top5", "loss")},
+        **{f"test_{key}_tta": test[f"tta_{key}"] if test and tta else None for key in ("acc", "top5", "loss")},
         "test_images": test["n"] if test else 0,
         "best_val_acc": progress["best_val_acc"] if val_set else None,
         "best_epoch": progress["best_epoch"],
@@ -368,6 +349,8 @@ def _train(
     }
     if test:
         log.info("test accuracy %.2f%% (top-5 %.2f%%) on %d images", 100 * test["acc"], 100 * test["top5"], test["n"])
+        if tta:
+            log.info("with flip TTA (logits averaged with the mirror image's): %.2f%%", 100 * test["tta_acc"])
     if context.is_main:
         write_json(run_dir / "results.json", results)
         if tensorboard:
@@ -386,15 +369,18 @@ def evaluate(
     device: torch.device,
     dtype: torch.dtype | None,
     context: DistContext = SINGLE_PROCESS,
+    tta: bool = False,
 ) -> dict[str, float] | None:
     """Loss, top-1 and top-5 accuracy over the whole `dataset`; under DDP each process takes every
-    world_size-th image and the sums are reduced, so every image counts exactly once."""
+    world_size-th image and the sums are reduced, so every image counts exactly once. With `tta`
+    also `tta_loss`, `tta_acc`, `tta_top5`: the same for logits averaged over each image and its
+    mirror image (one more forward pass per batch)."""
     if dataset is None or len(dataset) == 0:
         return None
     if context.enabled:
         dataset = Subset(dataset, range(context.rank, len(dataset), context.world_size))
     model.eval()
-    loss_sum = correct = top5 = count = 0.0
+    sums = torch.zeros(7, dtype=torch.float64)  # count, then loss, top-1, top-5 single view and with TTA
     loader = make_loader(dataset, config.batch_size * 2, shuffle=False, seed=config.seed, num_workers=config.workers)
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
@@ -402,13 +388,17 @@ def evaluate(
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
             logits = model(images).float()
-        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (ranked[:, 0] == labels).sum().item()
-        top5 += (ranked == labels[:, None]).any(dim=1).sum().item()
-        count += len(labels)
-    loss_sum, correct, top5, count = all_reduce_sum([loss_sum, correct, top5, count], context, device)
-    return {"loss": loss_sum / count, "acc": correct / count, "top5": top5 / count, "n": int(count)}
+            mirrored = (logits + model(images.flip(3)).float()) / 2 if tta else logits
+        sums[0] += len(labels)
+        for offset, scores in ((1, logits), (4, mirrored)):
+            ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices
+            sums[offset] += nn.functional.cross_entropy(scores, labels, reduction="sum").item()
+            sums[offset + 1] += (ranked[:, 0] == labels).sum().item()
+            sums[offset + 2] += (ranked == labels[:, None]).any(dim=1).sum().item()
+    count, *totals = all_reduce_sum(sums.tolist(), context, device)
+    names = ("loss", "acc", "top5", "tta_loss", "tta_acc", "tta_top5")
+    metrics = dict(zip(names, (total / count for total in totals), strict=True))
+    return {key: value for key, value in metrics.items() if tta or not key.startswith("tta")} | {"n": int(count)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -581,6 +571,41 @@ def _wrap(net: nn.Module, config: TrainConfig, context: DistContext, device: tor
     return torch.compile(model) if config.compile else model
 
 
+def _log_plan(config: TrainConfig, lr: float, context: DistContext, dtype: torch.dtype | None) -> None:
+    log.info(
+        "fine-tuning %s with %s lr %.3g (%s schedule), batch %d x %d step(s) x %d process(es), %s, precision %s%s",
+        config.finetune,
+        config.optimizer,
+        lr,
+        config.schedule,
+        config.batch_size,
+        config.accum_steps,
+        context.world_size,
+        f"{config.epochs} epoch(s)" + (f" or {config.max_minutes:g} min" if config.max_minutes else ""),
+        DTYPE_NAMES[dtype],
+        ", channels_last" if config.channels_last else "",
+    )
+
+
+def _epoch_batches(
+    train_set: Dataset, config: TrainConfig, context: DistContext, epoch: int, skip: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This epoch's batches in their seeded order (shared out across processes under DDP), from batch `skip` on."""
+    sampler = _distributed_sampler(train_set, context, config.seed, epoch)
+    loader = make_loader(
+        train_set,
+        config.batch_size,
+        shuffle=sampler is None,
+        seed=config.seed,
+        epoch=epoch,
+        num_workers=config.workers,
+        drop_last=True,
+        sampler=sampler,
+        skip_batches=skip,
+    )
+    return iter(loader)
+
+
 def _distributed_sampler(dataset: Dataset, context: DistContext, seed: int, epoch: int) -> DistributedSampler | None:
     if not context.enabled:
         return None
@@ -599,12 +624,11 @@ def _eval_transform(net: EfficientNet, img_size: int) -> Any:
 
 
 def _training_sets(
-    net: EfficientNet, splits: DataSplits, img_size: int, config: TrainConfig, device: torch.device
+    net: EfficientNet, splits: DataSplits, img_size: int, config: TrainConfig, device: torch.device, flip: bool
 ) -> tuple[Dataset, Dataset | None, int | None]:
     """The training and validation sets the loop reads: augmented images and evaluation-transformed
     images, or with --cache-frozen the frozen prefix's stored outputs; and the number of frozen
     stages whose outputs are cached (None without the cache)."""
-    flip = splits.mirror_safe if config.flip is None else config.flip
     if config.cache_frozen:
         cut = frozen_stage_count(first_trainable_part(net, config, 0))
         return (*build_feature_cache(net, cut, splits.train, splits.val, img_size, config, device, flip), cut)
