@@ -164,9 +164,9 @@ def _train(
         # Every process restores the RNG state rank 0 saved: all ranks seed alike and draw alike
         # (dropout, drop path; data order and augmentation are seeded per epoch and image), so
         # their generators are equal at any step.
-        for part, part_state in (("optimizer", optimizer), ("schedule", schedule), ("scaler", scaler), ("ema", ema)):
-            if part_state is not None:
-                part_state.load_state_dict(state[part])
+        for key, component in (("optimizer", optimizer), ("schedule", schedule), ("scaler", scaler), ("ema", ema)):
+            if component is not None:
+                component.load_state_dict(state[key])
         progress, restore_rng = dict(state["progress"]), state["rng"]
         history = [row for row in state["history"] if row["epoch"] <= progress["epoch"]]
         if (run_dir / "best.pt").is_file():
@@ -388,9 +388,9 @@ def evaluate(
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
             logits = model(images).float()
-            mirrored = (logits + model(images.flip(3)).float()) / 2 if tta else logits
+            views = [(1, logits)] + ([(4, (logits + model(images.flip(3)).float()) / 2)] if tta else [])
         sums[0] += len(labels)
-        for offset, scores in ((1, logits), (4, mirrored)):
+        for offset, scores in views:
             ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices
             sums[offset] += nn.functional.cross_entropy(scores, labels, reduction="sum").item()
             sums[offset + 1] += (ranked[:, 0] == labels).sum().item()
