@@ -38,9 +38,10 @@ def mode_calls(variant: str, size: int, batch: int, mode: str, settings: list[Se
         calls["ours default"], engine = benchmark.ours_inference(benchmark.build("ours", variant), batch, size)
         print(f"  ours default = {engine} engine")
     else:
-        calls["ours default"] = benchmark.ours_training(benchmark.build("ours", variant), batch, size)
+        ours = benchmark.build("ours", variant)
+        calls["ours default"] = benchmark.ours_training(ours, batch, size)
         calls["ours checkpointed"] = benchmark.ours_checkpointed_training(benchmark.build("ours", variant), batch, size)
-        print(f"  ours default = fused batch norm, {benchmark.default_precision()}, channels_last")
+        print(f"  ours default = fused batch norm, {benchmark.precision_label(ours)}, channels_last")
     plain = benchmark.plain_inference if mode == "infer" else benchmark.plain_training
     for setting in settings:
         calls[f"ours {setting.label}"] = benchmark.ours_at_setting(

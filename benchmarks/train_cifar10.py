@@ -32,6 +32,7 @@ CLOCKED = {"batch_size": 64, "epochs": 8, "warmup_steps": 100}  # epochs high en
 LAST3 = {"finetune": "last:3"} | CLOCKED
 R192_LAST4 = {"img_size": 192, "finetune": "last:4"} | CLOCKED
 CACHED = {"cache_frozen": True}
+NO_DROP = {"drop_rate": 0.0, "drop_path_rate": 0.0}
 RECIPES: dict[str, dict] = {
     "default": {},
     "r128": {"img_size": 128},  # the hand-written timm reference's resolution
@@ -44,7 +45,10 @@ RECIPES: dict[str, dict] = {
     "r192-cached-last4": R192_LAST4 | CACHED,
     # The same without dropout and stochastic depth: in a 7-minute probe from one shared cache, val 88.7% against
     # 87.9% with them (lr 0.1: 88.1%, lr 0.02: 86.6%); a few epochs of fine-tuning need no extra regularisation.
-    "r192-cached-last4-nodrop": R192_LAST4 | CACHED | {"drop_rate": 0.0, "drop_path_rate": 0.0},
+    "r192-cached-last4-nodrop": R192_LAST4 | CACHED | NO_DROP,
+    # The same in fp32: on this CPU (AVX-512 BF16, no AMX) the suffix's training step measured ~1.6x faster in
+    # fp32 than under bf16 autocast (stages 4-7 + head at 12x12 and below, batch 64).
+    "r192-cached-last4-nodrop-fp32": R192_LAST4 | CACHED | NO_DROP | {"precision": "fp32"},
     # The same recipes without the cache: the frozen prefix runs forward on every batch.
     "last3": LAST3,
     "r192-last4": R192_LAST4,

@@ -111,6 +111,12 @@ def default_precision() -> str:
     return "bf16" if runtime.autocast_dtype(torch.device("cpu"), "auto") is torch.bfloat16 else "fp32"
 
 
+def precision_label(model: nn.Module) -> str:
+    """The default precision, and which stages `ours_training` measured faster in fp32."""
+    full = [str(index + 1) for index, stage in enumerate(model.stages) if stage.full_precision]
+    return default_precision() + (f" (stages {','.join(full)} in fp32, faster here)" if full else "")
+
+
 def ours_inference(model: nn.Module, batch_size: int, img_size: int) -> tuple[Callable[[], object], str]:
     """What `effnet predict` runs by default: the engine 'auto' picks. Returns (call, engine name)."""
     from effnet.inference import create_engine
@@ -121,7 +127,8 @@ def ours_inference(model: nn.Module, batch_size: int, img_size: int) -> tuple[Ca
 
 
 def ours_training(model: nn.Module, batch_size: int, img_size: int) -> Callable[[], object]:
-    """What `effnet train` runs by default: `runtime.prepare_model`, the 'auto' precision and the
+    """What `effnet train` runs by default: `runtime.prepare_model`, the 'auto' precision (under
+    bf16, each stage in bf16 or fp32 as `runtime.choose_stage_precision` measures) and the
     optimizer `effnet train` builds from its default `TrainConfig`."""
     from effnet.training.config import TrainConfig
     from effnet.training.finetune import build_optimizer, param_groups
@@ -130,6 +137,9 @@ def ours_training(model: nn.Module, batch_size: int, img_size: int) -> Callable[
     model = runtime.prepare_model(model, torch.device("cpu"), config.channels_last).train()
     optimizer = build_optimizer(param_groups(model, config), config, lr=1e-3)
     setting = Setting(default_precision(), config.channels_last)
+    if setting.precision == "bf16" and not model.grad_checkpointing:  # as in `effnet train`
+        example, _ = _batch(batch_size, img_size, config.channels_last)
+        runtime.set_stage_precision(model, runtime.choose_stage_precision(model, example, torch.bfloat16))
     return _training_step(model, optimizer, batch_size, img_size, setting)
 
 

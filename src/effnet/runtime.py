@@ -7,8 +7,10 @@ the same thing everywhere (`effnet bench` measures exactly what `effnet train` r
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import sys
+import time
 from collections.abc import Iterator
 
 import torch
@@ -118,3 +120,52 @@ def prepare_inference_model(model: nn.Module, device: torch.device, channels_las
     memory, same logits within fp32 rounding), channels-last. Run it; do not save it (its state
     dict has conv biases instead of batch norms)."""
     return prepare_model(fused.fold_batchnorm(model), device, channels_last, memory_efficient=False).eval()
+
+
+def choose_stage_precision(
+    model: nn.Module, example: torch.Tensor, dtype: torch.dtype, rounds: int = 2, margin: float = 0.05
+) -> list[bool]:
+    """For each of `model.stages` (`models.layers.Stage`s; `model` an EfficientNet or the trainable
+    suffix of one), whether it should compute in full precision inside a `dtype` autocast region:
+    True when its training step measured faster in fp32 than under `dtype` by more than `margin`.
+
+    Why measure: on this project's 2-core AVX-512 BF16 CPU (no AMX), B0's training step at 224 px is
+    faster under bf16 overall, yet its stages 3-6 (28x28 and below) run forward and backward up to
+    2x faster in fp32, and the cached suffix's step (stages 4-7 at 12x12) 1.6x (benchmarks/README.md).
+    Which way each stage goes depends on the CPU's kernels, so it is timed here, on `example` (a
+    real-sized input batch of `model`) and on a copy of `model`, whose running statistics and
+    gradients are thrown away: trainable stages forward and backward, frozen ones forward only.
+    Best of `rounds` calls after one warm-up call."""
+    with torch.random.fork_rng(devices=[]):  # dropout and drop path in `trial` must not move the caller's stream
+        return _time_stages(copy.deepcopy(model), example, dtype, rounds, margin)
+
+
+def _time_stages(trial: nn.Module, example: torch.Tensor, dtype: torch.dtype, rounds: int, margin: float) -> list[bool]:
+    device_type = example.device.type
+    with torch.no_grad():
+        x = trial.stem.eval()(example) if hasattr(trial, "stem") else example
+    choices = []
+    for stage in trial.stages:
+        trainable = any(p.requires_grad for p in stage.parameters())
+        best = {False: float("inf"), True: float("inf")}
+        for repeat in range(rounds + 1):
+            for full in (False, True):
+                stage.full_precision = full
+                started = time.perf_counter()
+                with torch.autocast(device_type, dtype=dtype), torch.set_grad_enabled(trainable):
+                    out = stage(x)
+                if trainable:
+                    out.float().sum().backward()
+                    stage.zero_grad(set_to_none=True)
+                if repeat:
+                    best[full] = min(best[full], time.perf_counter() - started)
+        choices.append(best[True] < (1 - margin) * best[False])
+        with torch.no_grad():
+            x = stage(x).float()
+    return choices
+
+
+def set_stage_precision(model: nn.Module, full_precision: list[bool]) -> None:
+    """Apply `choose_stage_precision`'s answer to `model.stages`."""
+    for stage, full in zip(model.stages, full_precision, strict=True):
+        stage.full_precision = full

@@ -193,3 +193,35 @@ def test_tta_metrics_average_the_logits_of_each_image_and_its_mirror():
     assert metrics["acc"] == 1.0 and metrics["n"] == 10
     assert metrics["tta_acc"] == 0.0  # ... and the mirror average is the same for both classes but the 0.01
     assert "tta_acc" not in evaluate(LeftMinusRight(), dataset, config, torch.device("cpu"), None)
+
+
+def test_auto_precision_measures_each_stage_once_and_a_resume_keeps_the_choice(image_folder, fast_options, monkeypatch):
+    import effnet.training.engine as engine
+
+    pattern = [True, False, True, False, False, True, False]
+    calls = []
+    monkeypatch.setattr(engine, "autocast_dtype", lambda device, precision: torch.bfloat16)  # as on a bf16 CPU
+
+    def choose(model, example, dtype):
+        calls.append((tuple(example.shape), dtype))
+        return pattern
+
+    monkeypatch.setattr(engine, "choose_stage_precision", choose)
+    run = Path(fast_options["output"])
+    options = fast_options | {"precision": "auto", "max_minutes": 1e-9}
+    result = fit(tiny_model(), str(image_folder), **options)
+    assert calls == [((8, 3, 32, 32), torch.bfloat16)]  # a training batch of the run's size
+    assert [stage.full_precision for stage in result.model.stages] == pattern
+    assert load_state(run)["progress"]["stage_precision"]["full_precision"] == pattern
+
+    def must_not_measure(*args):
+        raise AssertionError("a resumed run re-measured the stage precision")
+
+    monkeypatch.setattr(engine, "choose_stage_precision", must_not_measure)
+    resumed = fit(None, None, resume=run, max_minutes=None)
+    assert [stage.full_precision for stage in resumed.model.stages] == pattern
+    # An explicit --precision is taken as given, and --grad-checkpointing keeps bf16 (memory first): no measuring.
+    explicit = fast_options | {"precision": "bf16", "epochs": 1, "output": str(run) + "-bf16"}
+    fit(tiny_model(), str(image_folder), **explicit)
+    lean = fast_options | {"precision": "auto", "grad_checkpointing": True, "epochs": 1, "output": str(run) + "-ckpt"}
+    assert not any(stage.full_precision for stage in fit(tiny_model(), str(image_folder), **lean).model.stages)

@@ -46,8 +46,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         calls["ours"], engine = benchmark.ours_inference(benchmark.build("ours", args.model), batch, size)
         ours_label = f"ours ({engine} engine, the `effnet predict` default)"
     else:
-        calls["ours"] = benchmark.ours_training(benchmark.build("ours", args.model), batch, size)
-        ours_label = f"ours ({benchmark.default_precision()}, the `effnet train` default)"
+        ours = benchmark.build("ours", args.model)
+        calls["ours"] = benchmark.ours_training(ours, batch, size)
+        ours_label = f"ours ({benchmark.precision_label(ours)}, the `effnet train` default)"
     make = benchmark.plain_inference if args.mode == "infer" else benchmark.plain_training
     for peer in peers:
         calls[peer] = make(benchmark.build_peer(peer, args.model), batch, size, benchmark.BEST_PEER_SETTING)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from effnet.models.layers import ConvBNAct, MBConv, recompute_without_running_stats
+from effnet.models.layers import ConvBNAct, MBConv, Stage, recompute_without_running_stats
 from effnet.models.spec import ModelConfig
 
 
@@ -24,7 +24,7 @@ class EfficientNet(nn.Module):
         act = config.activation
         self.stem = ConvBNAct(3, config.stem_channels, 3, stride=2, activation=act, **norm)
 
-        stages: list[nn.Sequential] = []
+        stages: list[Stage] = []
         in_channels, block_index = config.stem_channels, 0
         for spec in config.stages:
             blocks = []
@@ -45,7 +45,7 @@ class EfficientNet(nn.Module):
                     )
                 )
                 in_channels, block_index = spec.channels, block_index + 1
-            stages.append(nn.Sequential(*blocks))
+            stages.append(Stage(*blocks))
         self.stages = nn.Sequential(*stages)
 
         self.head = ConvBNAct(in_channels, config.head_channels, 1, activation=act, **norm)
@@ -123,9 +123,7 @@ class EfficientNet(nn.Module):
         x = self.stem(x)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             for stage in self.stages:
-                for block in stage:
-                    contexts = partial(recompute_without_running_stats, block)
-                    x = checkpoint(block, x, use_reentrant=False, context_fn=contexts)
+                x = stage(x, run_block=_checkpointed)
         else:
             x = self.stages(x)
         return self.head(x)
@@ -150,6 +148,11 @@ class EfficientNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    contexts = partial(recompute_without_running_stats, block)
+    return checkpoint(block, x, use_reentrant=False, context_fn=contexts)
 
 
 def _init_linear(layer: nn.Linear) -> None:

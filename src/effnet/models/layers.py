@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +160,29 @@ class MBConv(nn.Module):
         if self.has_residual:
             out = self.drop_path(out) + x
         return out
+
+
+class Stage(nn.Sequential):
+    """One row of the paper's Table 1: its MBConv blocks, in order.
+
+    `full_precision = True` makes the stage compute in fp32 even inside a bf16/fp16 autocast region
+    (its input is cast up; its output stays fp32). The choice is per stage because it is a matter of
+    speed, not accuracy: on CPUs without AMX, oneDNN's bf16 depthwise kernels at low resolution train
+    slower than fp32 ones while at high resolution bf16 wins (`runtime.choose_stage_precision`
+    measures it). The state dict is an `nn.Sequential`'s."""
+
+    full_precision: bool = False
+
+    def forward(
+        self, x: torch.Tensor, run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """`run_block(block, x)` replaces `block(x)`, e.g. by an activation-checkpointed call."""
+        autocasting = self.full_precision and torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
+            x = x.float() if autocasting else x
+            for block in self:
+                x = block(x) if run_block is None else run_block(block, x)
+        return x
 
 
 def recompute_without_running_stats(module: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:

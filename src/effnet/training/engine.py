@@ -30,7 +30,15 @@ from effnet.models.checkpoint import config_from_dict, config_to_dict, load_mode
 from effnet.models.efficientnet import EfficientNet
 from effnet.models.registry import create_model
 from effnet.profiling import count_params
-from effnet.runtime import autocast, autocast_dtype, pick_device, prepare_model, release_freed_memory_eagerly
+from effnet.runtime import (
+    autocast,
+    autocast_dtype,
+    choose_stage_precision,
+    pick_device,
+    prepare_model,
+    release_freed_memory_eagerly,
+    set_stage_precision,
+)
 from effnet.training.cached import build_feature_cache, frozen_stage_count, trainable_suffix
 from effnet.training.checkpoint import (
     check_compatible,
@@ -206,7 +214,12 @@ def _train(
         if first_trainable_part(net, config, epoch) != trainable_from:  # first epoch, or "gradual" unfreezes
             trainable_from = first_trainable_part(net, config, epoch)
             freeze(net, trainable_from)
-            train_model = _wrap(net if cut is None else trainable_suffix(net, cut), config, context, device)
+            trained = net if cut is None else trainable_suffix(net, cut)
+            set_train_mode(net, trainable_from, config.bn_freeze)
+            _pick_stage_precision(
+                trained, cut, trainable_from, train_set, img_size, config, device, dtype, context, progress
+            )
+            train_model = _wrap(trained, config, context, device)
             trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
             log.info("epoch %d: training %s of %s parameters", epoch + 1, f"{trainable:,}", f"{count_params(net):,}")
         train_set.set_epoch(epoch)
@@ -569,6 +582,49 @@ def _wrap(net: nn.Module, config: TrainConfig, context: DistContext, device: tor
     if context.enabled:
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(model) if config.compile else model
+
+
+def _pick_stage_precision(
+    trained: nn.Module,
+    cut: int | None,
+    trainable_from: int,
+    train_set: Dataset,
+    img_size: int,
+    config: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    context: DistContext,
+    progress: dict[str, Any],
+) -> None:
+    """--precision auto under bf16 on a CPU: each stage of `trained` computes in bf16 or fp32, whichever
+    trains it faster here (`runtime.choose_stage_precision`, ~2 training steps' time). The choice
+    is rank 0's under DDP and is kept in the resume state, so a resumed run computes as before.
+    Not with --grad-checkpointing: memory comes first there, and fp32 stages store twice the bytes."""
+    if not (config.precision == "auto" and device.type == "cpu" and dtype is torch.bfloat16):
+        return
+    if config.grad_checkpointing:
+        return
+    saved = progress.get("stage_precision")
+    if saved and saved["trainable_from"] == trainable_from:
+        choice = saved["full_precision"]
+    else:
+        if config.cache_frozen:  # a batch of stored features, as the loop feeds them
+            example = train_set.features[0, : config.batch_size].float()
+        else:
+            example = torch.randn(config.batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+        if config.channels_last:
+            example = example.contiguous(memory_format=torch.channels_last)
+        choice = choose_stage_precision(trained, example.to(device), dtype)
+        if context.enabled:  # every process computes as rank 0 does
+            ours = [float(full and context.is_main) for full in choice]
+            choice = [flag > 0 for flag in all_reduce_sum(ours, context, device)]
+        progress["stage_precision"] = {"trainable_from": trainable_from, "full_precision": choice}
+    set_stage_precision(trained, choice)
+    first = 1 + (cut or 0)
+    log.info(
+        "precision by stage, measured here: %s",
+        ", ".join(f"{first + i} {'fp32' if full else 'bf16'}" for i, full in enumerate(choice)),
+    )
 
 
 def _log_plan(config: TrainConfig, lr: float, context: DistContext, dtype: torch.dtype | None) -> None:
