@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effnet.models.depthwise import DepthwiseConv2d, depthwise_conv2d
 from effnet.models.spec import Activation, Padding
 
 
@@ -41,7 +42,14 @@ class Conv2dSame(nn.Conv2d):
         pad_w = tf_same_pad_amount(width, self.kernel_size[1], self.stride[1], self.dilation[1])
         if pad_h or pad_w:
             x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return self._conv_forward(x, self.weight, self.bias)  # nn.Conv2d's, with padding 0
+
+
+class DepthwiseConv2dSame(Conv2dSame):
+    """`Conv2dSame` with one filter per channel, through `depthwise.depthwise_conv2d`."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return depthwise_conv2d(x, weight, bias, self.stride, self.padding)
 
 
 def make_conv(
@@ -55,11 +63,15 @@ def make_conv(
     """A bias-free convolution (a BatchNorm always follows) with the requested padding rule.
 
     TF 'same' equals symmetric `kernel // 2` padding whenever the stride is 1, so only strided
-    convolutions pay for the dynamic padding.
+    convolutions pay for the dynamic padding. Depthwise convolutions (one filter per channel) get
+    the classes whose backward pass is fast on CPUs (`models.depthwise`); the state dict is the same.
     """
+    depthwise = groups > 1 and groups == in_channels == out_channels
     if padding == "same" and stride > 1:
-        return Conv2dSame(in_channels, out_channels, kernel, stride, padding=0, groups=groups, bias=False)
-    return nn.Conv2d(in_channels, out_channels, kernel, stride, padding=kernel // 2, groups=groups, bias=False)
+        same = DepthwiseConv2dSame if depthwise else Conv2dSame
+        return same(in_channels, out_channels, kernel, stride, padding=0, groups=groups, bias=False)
+    symmetric = DepthwiseConv2d if depthwise else nn.Conv2d
+    return symmetric(in_channels, out_channels, kernel, stride, padding=kernel // 2, groups=groups, bias=False)
 
 
 class ConvBNAct(nn.Module):

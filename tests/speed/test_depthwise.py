@@ -1,0 +1,70 @@
+"""The depthwise convolution's fast CPU backward pass gives `F.conv2d`'s outputs and gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effnet import create_model
+from effnet.models.depthwise import depthwise_conv2d
+from effnet.models.layers import make_conv
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "padding"),
+    [(14, 3, 1, 1), (15, 5, 1, 2), (16, 3, 2, 1), (15, 5, 2, 2), (17, 5, 2, 0), (9, 3, 2, 0), (8, 5, 1, 0)],
+)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_gradients_match_f_conv2d(size: int, kernel: int, stride: int, padding: int, channels_last: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, size, size + 1, dtype=torch.float64)
+    weight = torch.randn(6, 1, kernel, kernel, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    results = []
+    for conv in (depthwise_conv2d, lambda x, w, b, s, p: F.conv2d(x, w, b, s, p, 1, w.shape[0])):
+        xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = conv(xr, wr, None, (stride, stride), (padding, padding))
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        results.append((out, xr.grad, wr.grad))
+    for ours, reference, name in zip(results[0], results[1], ("output", "input grad", "weight grad"), strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_bf16_autocast_matches_aten_within_bf16_tolerance() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 28, 28).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(32, 1, 5, 5) * 0.2
+    grads = []
+    for conv in (depthwise_conv2d, lambda x, w, b, s, p: F.conv2d(x, w, b, s, p, 1, w.shape[0])):
+        xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(xr, wr, None, (2, 2), (2, 2))
+        assert out.dtype == torch.bfloat16
+        out.float().square().mean().backward()
+        grads.append((out.float(), xr.grad, wr.grad))
+    for ours, reference in zip(grads[0], grads[1], strict=True):
+        assert ours.dtype == reference.dtype
+        torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
+def test_model_uses_it_for_depthwise_layers_only_and_matches_plain_convolutions() -> None:
+    assert type(make_conv(8, 8, 3, groups=8)).__name__ == "DepthwiseConv2d"
+    assert type(make_conv(8, 8, 5, stride=2, groups=8, padding="same")).__name__ == "DepthwiseConv2dSame"
+    assert type(make_conv(8, 16, 1)) is torch.nn.Conv2d
+    torch.manual_seed(0)
+    # float64: train-mode batch norm makes some gradients pure rounding noise in fp32
+    ours = create_model("efficientnet_lite0", num_classes=4, drop_rate=0.0, drop_path_rate=0.0).double().train()
+    plain = copy.deepcopy(ours)
+    for module in plain.modules():  # back to aten's depthwise backward
+        if "Depthwise" in type(module).__name__:
+            module.__class__ = module.__class__.__mro__[1] if "Same" in type(module).__name__ else torch.nn.Conv2d
+    assert plain.state_dict().keys() == ours.state_dict().keys()
+    x, y = torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.tensor([0, 3])
+    for model in (ours, plain):
+        F.cross_entropy(model(x), y).backward()
+    for (name, a), b in zip(plain.named_parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-7, atol=1e-9, msg=name)
