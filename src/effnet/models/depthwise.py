@@ -28,7 +28,8 @@ def depthwise_conv2d(
     """`F.conv2d(x, weight, bias, stride, padding, groups=channels)`, trained faster on a CPU."""
     channels = weight.shape[0]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if not needs_grad or bias is not None or x.device.type != "cpu" or torch.jit.is_tracing():
+    traced = torch.jit.is_tracing() or torch.compiler.is_compiling()  # exporters and compilers get plain ops
+    if not needs_grad or bias is not None or x.device.type != "cpu" or traced:
         return F.conv2d(x, weight, bias, stride, padding, 1, channels)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     with torch.autocast("cpu", enabled=False):

@@ -179,8 +179,8 @@ class Stage(nn.Sequential):
 
     `full_precision = True` makes the stage compute in fp32 even inside a bf16/fp16 autocast region
     (its input is cast up; its output stays fp32). The choice is per stage because it is a matter of
-    speed, not accuracy: on CPUs without AMX, oneDNN's bf16 depthwise kernels at low resolution train
-    slower than fp32 ones while at high resolution bf16 wins (`runtime.choose_stage_precision`
+    speed, not accuracy: on CPUs without AMX some of oneDNN's bf16 kernels train slower than their
+    fp32 versions at low resolution, while at high resolution bf16 wins (`runtime.choose_stage_precision`
     measures it). The state dict is an `nn.Sequential`'s."""
 
     full_precision: bool = False
