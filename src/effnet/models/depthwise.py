@@ -6,9 +6,10 @@ pass: the input gradient of a strided depthwise convolution (124 ms against a 2 
 144 channels at 56x56, 5x5, bf16) and the weight gradient of 5x5 kernels in bf16 (53-67 ms against
 11-25 ms in fp32). Both have cheap equivalents:
 
-* the input gradient is the *forward* depthwise convolution of the output gradient (zero-inserted
-  between pixels when the stride is 2) with the kernel rotated by 180 degrees, padded by k - 1;
-* the weight gradient is computed in fp32, where oneDNN's kernel is fast.
+* the input gradient is the *forward* depthwise convolution of the output gradient with the kernel
+  rotated by 180 degrees; with stride s, s^2 such convolutions, one per phase of the input grid,
+  each with the sub-kernel that phase saw (`_input_grad`);
+* the weight gradient of 5x5 kernels is computed in fp32, where oneDNN's kernel is fast.
 
 `depthwise_conv2d` takes this route when autograd needs it on the CPU, and is `F.conv2d` otherwise
 (inference, export, tracing, CUDA). Same numbers as `F.conv2d` within floating-point rounding

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effnet.models.depthwise import DepthwiseConv2d, depthwise_conv2d
+from effnet.models.depthwise import DepthwiseConv2d
 from effnet.models.spec import Activation, Padding
 
 
@@ -45,11 +45,8 @@ class Conv2dSame(nn.Conv2d):
         return self._conv_forward(x, self.weight, self.bias)  # nn.Conv2d's, with padding 0
 
 
-class DepthwiseConv2dSame(Conv2dSame):
-    """`Conv2dSame` with one filter per channel, through `depthwise.depthwise_conv2d`."""
-
-    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return depthwise_conv2d(x, weight, bias, self.stride, self.padding)
+class DepthwiseConv2dSame(Conv2dSame, DepthwiseConv2d):
+    """`Conv2dSame`'s padding, then `DepthwiseConv2d`'s convolution (its `_conv_forward`)."""
 
 
 def make_conv(
@@ -189,9 +186,9 @@ class Stage(nn.Sequential):
         self, x: torch.Tensor, run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     ) -> torch.Tensor:
         """`run_block(block, x)` replaces `block(x)`, e.g. by an activation-checkpointed call."""
-        autocasting = self.full_precision and torch.is_autocast_enabled(x.device.type)
-        with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
-            x = x.float() if autocasting else x
+        leave_autocast = self.full_precision and torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if leave_autocast else contextlib.nullcontext():
+            x = x.float() if leave_autocast else x
             for block in self:
                 x = block(x) if run_block is None else run_block(block, x)
         return x
