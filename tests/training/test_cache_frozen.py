@@ -114,20 +114,48 @@ def test_val_at_minutes_must_be_positive():
 @pytest.mark.parametrize(
     ("settings", "device", "finetune", "cache"),
     [
-        ({"pretrained": True}, "cpu", "last:3", True),
+        ({"pretrained": True}, "cpu", "last:4", True),
         ({"pretrained": True}, "cuda", "full", False),
         ({"pretrained": False}, "cpu", "full", False),
-        ({"pretrained": True, "mixup": 0.2}, "cpu", "last:3", False),  # mixup needs images: no cache
+        ({"pretrained": True, "mixup": 0.2}, "cpu", "last:4", False),  # mixup needs images: no cache
         ({"pretrained": True, "finetune": "last:2"}, "cpu", "last:2", False),  # asked for: no silent cache
         ({"pretrained": True, "finetune": "last:2", "cache_frozen": True}, "cpu", "last:2", True),
-        ({"pretrained": True, "cache_frozen": False}, "cpu", "last:3", False),
+        ({"pretrained": True, "cache_frozen": False}, "cpu", "last:4", False),
     ],
 )
 def test_auto_finetune_resolves_to_a_concrete_mode(settings, device, finetune, cache):
-    resolved = resolve_auto(TrainConfig(**settings), torch.device(device))
+    resolved = resolve_auto(TrainConfig(**settings), torch.device(device), native_size=224)
     assert (resolved.finetune, resolved.cache_frozen) == (finetune, cache)
+
+
+def test_the_cpu_recipe_trains_at_six_sevenths_of_the_resolution_without_dropout_unless_told():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    recipe = resolve_auto(TrainConfig(pretrained=True), cpu, native_size=224)
+    assert (recipe.img_size, recipe.drop_rate, recipe.drop_path_rate) == (192, 0.0, 0.0)
+    assert resolve_auto(TrainConfig(pretrained=True), cpu, native_size=300).img_size == 256
+    told = resolve_auto(TrainConfig(pretrained=True, img_size=224, drop_rate=0.3), cpu, native_size=224)
+    assert (told.img_size, told.drop_rate, told.drop_path_rate) == (224, 0.3, 0.0)
+    for other in (TrainConfig(pretrained=True), TrainConfig(pretrained=True, finetune="last:4")):
+        for device in (cpu, gpu):
+            if other.finetune == "auto" and device == cpu:
+                continue
+            kept = resolve_auto(other, device, native_size=224)
+            assert (kept.img_size, kept.drop_rate, kept.drop_path_rate) == (None, None, None)
+
+
+def test_the_cache_stores_as_many_views_as_fit_in_memory_and_refuses_when_none_fit(caplog):
+    prefix = split_at_stage(tiny_model(), 3)[0]
+    view = prefix(torch.zeros(1, 3, 32, 32))[0].numel() * 2  # bytes per image and view, bf16
+    need = view * (4 * 100 + 10)  # 4 views of 100 training images, 1 of 10 validation images
+    assert cached.views_that_fit(prefix, 32, 4, 100, 10, memory=int(need / cached.MEMORY_SHARE) + 8) == 4
+    with caplog.at_level(logging.WARNING, logger="effnet"):
+        assert cached.views_that_fit(prefix, 32, 4, 100, 10, memory=int(need / cached.MEMORY_SHARE) - 8) == 3
+    assert "3 view(s) per image instead of 4" in caplog.text
+    with pytest.raises(ValueError, match="--no-cache-frozen"):
+        cached.views_that_fit(prefix, 32, 4, 100, 10, memory=int(view * 100 / cached.MEMORY_SHARE))
+    assert cached.available_memory() is None or cached.available_memory() > 0
 
 
 def test_cache_frozen_with_auto_on_a_gpu_is_refused():
     with pytest.raises(ValueError, match="finetune last:N"):
-        resolve_auto(TrainConfig(pretrained=True, cache_frozen=True), torch.device("cuda"))
+        resolve_auto(TrainConfig(pretrained=True, cache_frozen=True), torch.device("cuda"), native_size=224)

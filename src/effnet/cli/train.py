@@ -46,9 +46,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--data-dir", help=f"where data sets are downloaded or unpacked (default {d.data_dir})")
     group.add_argument("--val-split", type=float, help=f"validation fraction without a val folder ({d.val_split})")
     group.add_argument("--on-bad-image", choices=("fail", "skip"), help="unreadable images (default: fail, list all)")
-    group.add_argument("--img-size", type=int, help="input resolution (default: the model's own, 224 for B0/Lite0)")
-    group.add_argument("--drop-rate", type=float, help="dropout before the classifier (default: the model's)")
-    group.add_argument("--drop-path-rate", type=float, help="stochastic depth rate (default: the model's)")
+    group.add_argument(
+        "--img-size",
+        type=int,
+        help="input resolution (default: the model's own, 224 for B0/Lite0; 6/7 of it, 192, for --finetune auto "
+        "from pretrained weights on a CPU)",
+    )
+    group.add_argument(
+        "--drop-rate",
+        type=float,
+        help="dropout before the classifier (default: the model's; 0 for --finetune auto from pretrained weights "
+        "on a CPU)",
+    )
+    group.add_argument("--drop-path-rate", type=float, help="stochastic depth rate (default: as --drop-rate)")
 
     group = p.add_argument_group("how long")
     group.add_argument("--epochs", type=int, help=f"default {d.epochs}")
@@ -64,8 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = p.add_argument_group("fine-tuning")
     group.add_argument(
         "--finetune",
-        help="auto | head | last:N | full | gradual (default auto: last:3 on cached features from pretrained "
-        "weights on a CPU, else full)",
+        help="auto | head | last:N | full | gradual (default auto: from pretrained weights on a CPU, last:4 on "
+        "cached features at 6/7 of the model's resolution without dropout; else full)",
     )
     group.add_argument("--gradual-head-epochs", type=int, help=f"gradual: head-only epochs ({d.gradual_head_epochs})")
     group.add_argument("--layer-decay", type=float, help="LR factor per stage towards the input, e.g. 0.7")
@@ -76,7 +86,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --finetune last:N, compute the frozen stages once per stored view and train the rest on them "
         "(default: on when --finetune auto picks last:N)",
     )
-    group.add_argument("--cache-views", type=int, help=f"--cache-frozen: views per image (default {d.cache_views})")
+    group.add_argument(
+        "--cache-views",
+        type=int,
+        help=f"--cache-frozen: views per image (default {d.cache_views}, fewer if memory is short)",
+    )
     group.add_argument("--bn-momentum", type=float, help=f"BN statistics momentum (default {d.bn_momentum})")
     group.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")
     group.add_argument("--lr", type=float, help="base learning rate (default: per optimizer, scaled by batch/64)")

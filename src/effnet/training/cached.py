@@ -20,6 +20,7 @@ Features are stored in bfloat16 (half the memory of fp32; the suffix computes in
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -35,6 +36,9 @@ from effnet.training.config import TrainConfig
 log = logging.getLogger("effnet")
 CACHE_DTYPE = torch.bfloat16
 PREFIX_BATCH = 64
+# Share of the available memory the cache may take: the rest is for the model, the optimizer, the
+# data loader and the user's other programs.
+MEMORY_SHARE = 0.6
 
 
 class CachedFeatures(Dataset):
@@ -87,7 +91,8 @@ def build_feature_cache(
     preprocess = model.pretrained_cfg
     plain = build_transforms(preprocess, train=False, img_size=img_size)
     augmented = build_transforms(preprocess, train=True, augment=config.augment, img_size=img_size, flip=flip)
-    views, seed, workers = config.cache_views, config.seed, config.workers
+    seed, workers = config.seed, config.workers
+    views = views_that_fit(prefix, img_size, config.cache_views, len(train_split), len(val_split or []))
     started = time.perf_counter()
     fixed = [plain, _Mirrored(plain)] if flip else [plain]
     train_views = [
@@ -108,6 +113,57 @@ def build_feature_cache(
         time.perf_counter() - started,
     )
     return train, val
+
+
+def views_that_fit(
+    prefix: FrozenPrefix, img_size: int, wanted: int, train_images: int, val_images: int, memory: int | None = None
+) -> int:
+    """How many of the `wanted` views per training image fit in MEMORY_SHARE of the available
+    memory (`memory` bytes, default: what the system reports, divided among the processes on this
+    machine) beside one view of the validation images. Fewer than wanted: logged, and the run goes
+    on with fewer. Not even one: a ValueError naming the ways out, before any time is spent."""
+    shape = prefix(torch.zeros(1, 3, img_size, img_size)).shape[1:]  # FrozenPrefix: eval mode, no grad
+    per_image = shape.numel() * torch.finfo(CACHE_DTYPE).bits // 8
+    if memory is None:  # processes on one machine (torchrun) each hold a cache: each gets its share
+        memory = available_memory()
+        if memory is None:
+            return wanted
+        memory //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    budget = MEMORY_SHARE * memory - val_images * per_image
+    fits = min(wanted, int(budget // (train_images * per_image)))
+    gigabytes = per_image * (train_images * wanted + val_images) / 1e9
+    if fits < 1:
+        raise ValueError(
+            f"--cache-frozen would store {gigabytes:.1f} GB of features ({'x'.join(map(str, shape))} per view of "
+            f"{train_images} images) but only {memory / 1e9:.1f} GB of memory is available: train without the "
+            "cache (--no-cache-frozen), at a lower --img-size, or with more trainable stages (--finetune last:N, "
+            "larger N)"
+        )
+    if fits < wanted:
+        log.warning(
+            "the feature cache stores %d view(s) per image instead of %d: %d would need %.1f GB, %.1f GB available",
+            fits,
+            wanted,
+            wanted,
+            gigabytes,
+            memory / 1e9,
+        )
+    return fits
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 class _Mirrored:

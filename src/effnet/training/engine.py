@@ -28,7 +28,7 @@ from tqdm import tqdm
 from effnet.data import DataSplits, TransformedDataset, build_transforms, load_data, make_batch_mixer, make_loader
 from effnet.models.checkpoint import config_from_dict, config_to_dict, load_model, save_model
 from effnet.models.efficientnet import EfficientNet
-from effnet.models.registry import create_model
+from effnet.models.registry import create_model, get_config
 from effnet.profiling import count_params
 from effnet.runtime import (
     autocast,
@@ -116,7 +116,9 @@ def _train(
     torch.manual_seed(config.seed)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
-    config = resolve_auto(config, device)
+    asked_size = config.img_size
+    native_size = _native_size(model, config) if config.finetune == "auto" and not asked_size else None
+    config = resolve_auto(config, device, native_size)
     splits = data if isinstance(data, DataSplits) else _load_splits(config)
     net = _build_model(model, config, splits.class_names, state, run_dir)
     config = replace(config, model=_model_name(net), data=config.data or splits.source)
@@ -130,7 +132,7 @@ def _train(
         len(splits.class_names),
         "/".join(str(len(s)) if s is not None else "-" for s in (splits.train, splits.val, splits.test)),
         img_size,
-        "" if config.img_size else " (the model's own; --img-size to change)",
+        _size_origin(asked_size, img_size, native_size),
         device,
     )
 
@@ -369,7 +371,7 @@ def _train(
         if tensorboard:
             tensorboard.close()
         if config.report:
-            _write_report(run_dir)
+            _write_report(run_dir, splits)
         log.info("run folder: %s", run_dir)
     return FitResult(eval_net, history, results, run_dir)
 
@@ -514,6 +516,20 @@ def _build_model(
         nn.init.zeros_(net.classifier.weight)
         nn.init.zeros_(net.classifier.bias)
     return net
+
+
+def _size_origin(asked: int | None, used: int, native: int | None) -> str:
+    if asked or native is None:
+        return ""
+    chosen = "the model's own" if used == native else f"the CPU recipe's 6/7 of the model's {native}"
+    return f" ({chosen}; --img-size to change)"
+
+
+def _native_size(model: str | EfficientNet | None, config: TrainConfig) -> int:
+    """The input resolution the model was built (or pretrained) for."""
+    if isinstance(model, EfficientNet):
+        return model.pretrained_cfg["input_size"]
+    return get_config(model or config.model).preprocess.input_size
 
 
 @contextlib.contextmanager
@@ -712,14 +728,15 @@ def _open_tensorboard(run_dir: Path | None) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _write_report(run_dir: Path) -> None:
-    """report.html from the evaluation layer, if present; a failure there never loses the run."""
+def _write_report(run_dir: Path, splits: DataSplits) -> None:
+    """report.html from the evaluation layer, if present, on the data already in memory; a failure
+    there never loses the run."""
     try:
         from effnet.evaluation.report import write_report
     except ImportError:
         log.info("no report.html: effnet.evaluation.report is not available")
         return
     try:
-        log.info("report: %s", write_report(run_dir))
+        log.info("report: %s", write_report(run_dir, data=splits))
     except Exception as error:  # the run's files are complete; the report is a bonus
         log.warning("report.html not written (%s: %s); the run is otherwise complete", type(error).__name__, error)

@@ -17,24 +17,43 @@ from effnet.training.config import TrainConfig, parse_finetune
 
 # "gradual" without --layer-decay: earlier stages learn more slowly (fastai's discriminative LRs).
 GRADUAL_LAYER_DECAY = 0.75
-# "auto" from ImageNet weights on a CPU: stem and stages 1-4 frozen and cached, 5-7 trained (README "Training").
-AUTO_CPU_FINETUNE = "last:3"
+# "auto" from ImageNet weights on a CPU (README "Training", the CIFAR-10 table): stem and stages 1-3
+# frozen and cached, stages 4-7 trained without dropout or stochastic depth, at 6/7 of the model's
+# resolution (192 px for the 224-px models): 1.36x fewer pixels per step for the frozen prefix.
+AUTO_CPU_FINETUNE = "last:4"
+AUTO_CPU_RESOLUTION = 6 / 7
 
 
-def resolve_auto(config: TrainConfig, device: torch.device) -> TrainConfig:
-    """The concrete fine-tuning mode for finetune 'auto' and cache_frozen None, saved as such in
-    config.yaml. From pretrained weights on a CPU: the last three stages on cached features of the
-    frozen rest, which reached a given CIFAR-10 accuracy several times sooner than a full
-    fine-tune at the same resolution; otherwise (random weights, or a GPU) a full fine-tune."""
+def resolve_auto(config: TrainConfig, device: torch.device, native_size: int | None) -> TrainConfig:
+    """The concrete settings for finetune 'auto' and cache_frozen None, saved as such in config.yaml.
+
+    From pretrained weights on a CPU: the last four stages on cached features of the frozen rest,
+    which reached a given CIFAR-10 accuracy several times sooner than a full fine-tune; with no
+    dropout or stochastic depth (a few epochs of fine-tuning need no extra regularisation) and at
+    `cpu_finetune_size(native_size)` (the model's resolution, needed then) unless the config sets
+    them. Otherwise (random weights, or a GPU) a full fine-tune with the model's own settings."""
     auto = config.finetune == "auto"
-    finetune = (
-        (AUTO_CPU_FINETUNE if config.pretrained and device.type == "cpu" else "full") if auto else config.finetune
-    )
+    cpu_recipe = auto and config.pretrained and device.type == "cpu"
+    finetune = (AUTO_CPU_FINETUNE if cpu_recipe else "full") if auto else config.finetune
     cache = config.cache_frozen
     if cache is None:
         can_cache = finetune.startswith("last:") and not (config.mixup or config.cutmix) and config.bn_freeze != "off"
         cache = auto and can_cache
-    return config.replace(finetune=finetune, cache_frozen=cache)
+    resolved = config.replace(finetune=finetune, cache_frozen=cache)
+    if cpu_recipe:
+        if config.img_size is None and native_size is None:
+            raise ValueError("resolve_auto needs the model's native_size when the config sets no img_size")
+        resolved = resolved.replace(
+            img_size=config.img_size or cpu_finetune_size(native_size),
+            drop_rate=0.0 if config.drop_rate is None else config.drop_rate,
+            drop_path_rate=0.0 if config.drop_path_rate is None else config.drop_path_rate,
+        )
+    return resolved
+
+
+def cpu_finetune_size(native_size: int) -> int:
+    """The resolution of the CPU recipe: 6/7 of the model's own, to a multiple of 8 (224 -> 192)."""
+    return 8 * round(native_size * AUTO_CPU_RESOLUTION / 8)
 
 
 def model_parts(model: EfficientNet) -> list[nn.Module]:
