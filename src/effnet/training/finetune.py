@@ -19,7 +19,7 @@ from effnet.training.config import TrainConfig, parse_finetune
 GRADUAL_LAYER_DECAY = 0.75
 # "auto" from ImageNet weights on a CPU (README "Training", the CIFAR-10 table): stem and stages 1-3
 # frozen and cached, stages 4-7 trained without dropout or stochastic depth, at 6/7 of the model's
-# resolution (192 px for the 224-px models): 1.36x fewer pixels per step for the frozen prefix.
+# resolution (192 px for the 224-px models): 1.36x fewer pixels per step and per cached view.
 AUTO_CPU_FINETUNE = "last:4"
 AUTO_CPU_RESOLUTION = 6 / 7
 
