@@ -8,7 +8,6 @@ and continues with the rest, so a killed search loses at most the run in progres
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -502,16 +501,18 @@ def train_run(
         warmup_steps=min(50, max(1, plan["train_images"] // recipe["batch_size"] // 5)),
         quiet=True,
         output=str(run_dir),
+        # report.html evaluates the test split: minutes per run that a search cannot afford (it
+        # scores on validation and writes its own report).
+        report=False,
     )
     log.info("training %s (~%.0f s)", name, estimate)
-    with _without_html_report():
-        if (run_dir / "state.pt").is_file():  # killed after an epoch: fit continues it exactly
-            fitted = engine.fit(None, data, resume=run_dir)
-        else:
-            torch.manual_seed(seed)  # the initial weights too are a function of the seed
-            model = EfficientNet(Proxy(**plan["recipe"]["proxy"]).config(spec.coefficients, spec.phi))
-            model.model_name = spec.key
-            fitted = engine.fit(model, data, config)
+    if (run_dir / "state.pt").is_file():  # killed after an epoch: fit continues it exactly
+        fitted = engine.fit(None, data, resume=run_dir)
+    else:
+        torch.manual_seed(seed)  # the initial weights too are a function of the seed
+        model = EfficientNet(Proxy(**plan["recipe"]["proxy"]).config(spec.coefficients, spec.phi))
+        model.model_name = spec.key
+        fitted = engine.fit(model, data, config)
     results = fitted.results
     row = {
         "run": name,
@@ -530,16 +531,3 @@ def train_run(
         write_json(output / RESULTS_DIR / f"{name}.json", row)
     log.info("%s: validation accuracy %.2f%% in %.0f s", name, 100 * row["val_acc"], row["train_time_s"])
     return row
-
-
-@contextlib.contextmanager
-def _without_html_report() -> Iterator[None]:
-    """`fit` ends by writing report.html, which reloads the data and evaluates the test split:
-    minutes per run that a search cannot afford (it scores on validation and writes its own
-    report). TrainConfig has no switch for it, so the search turns it off around its own calls."""
-    original = engine._write_report
-    engine._write_report = lambda run_dir: None
-    try:
-        yield
-    finally:
-        engine._write_report = original
