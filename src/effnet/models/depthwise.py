@@ -78,10 +78,9 @@ def _input_grad(
         reach = (kernel_h - 1 - padding[0], kernel_w - 1 - padding[1])
         if min(reach) >= 0:
             return F.conv2d(grad_out, weight.flip(-1, -2), None, 1, reach, 1, channels)
-    memory_format = torch.channels_last if grad_out.is_contiguous(memory_format=torch.channels_last) else None
-    grad_x = torch.empty(
-        x_shape, dtype=grad_out.dtype, device=grad_out.device, memory_format=memory_format or torch.contiguous_format
-    )
+    channels_last = grad_out.is_contiguous(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    grad_x = torch.empty(x_shape, dtype=grad_out.dtype, device=grad_out.device, memory_format=memory_format)
     for phase_h in range(stride[0]):
         for phase_w in range(stride[1]):
             # Unpadded pixels u with u + padding = stride * q + phase, from q = first on.
