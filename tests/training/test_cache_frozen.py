@@ -28,6 +28,33 @@ def test_views_are_a_pure_function_of_seed_epoch_and_index() -> None:
     assert all(int(data[i][0]) % 50 == i for i in range(50))  # item i is always image i
 
 
+def test_shifted_views_are_translations_with_repeated_edges() -> None:
+    grid = torch.arange(36, dtype=torch.float32).reshape(1, 1, 1, 6, 6)  # one view of one image
+    data = CachedFeatures(grid, torch.zeros(1, dtype=torch.long), seed=0, shift=2)
+    seen = set()
+    for epoch in range(60):
+        data.set_epoch(epoch)
+        moved = data[0][0][0]
+        # Find the shift: the interior of the moved grid equals the original grid offset by (down, right).
+        matches = [
+            (down, right)
+            for down in range(-2, 3)
+            for right in range(-2, 3)
+            if torch.equal(moved[2:4, 2:4], grid[0, 0, 0, 2 - down : 4 - down, 2 - right : 4 - right])
+        ]
+        assert len(matches) == 1
+        down, right = matches[0]
+        seen.add((down, right))
+        original = grid[0, 0, 0]
+        rows = (torch.arange(6) - down).clamp(0, 5)
+        columns = (torch.arange(6) - right).clamp(0, 5)
+        assert torch.equal(moved, original[rows][:, columns])  # edges repeated, nothing wrapped around
+        data.set_epoch(epoch)
+        assert torch.equal(data[0][0][0], moved)  # the same draw again
+    assert len(seen) > 15  # most of the 25 shifts occur in 60 epochs
+    assert torch.equal(CachedFeatures(grid, torch.zeros(1, dtype=torch.long))[0][0], grid[0, 0])  # shift 0: as stored
+
+
 @pytest.mark.parametrize("engine", ["torch", "openvino"])
 def test_cached_views_are_the_prefix_outputs_of_the_plain_and_mirrored_image(image_folder, engine, monkeypatch):
     if engine == "openvino":
@@ -78,7 +105,8 @@ def test_fit_with_cache_frozen_trains_only_the_suffix_and_tests_the_whole_model(
     caplog.set_level(logging.INFO, logger="effnet")
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    options = fast_options | {"finetune": "last:4", "cache_frozen": True, "cache_views": 2, "val_at_minutes": [1e-4]}
+    options = fast_options | {"finetune": "last:4", "cache_frozen": True, "cache_views": 2, "cache_shift": 1}
+    options["val_at_minutes"] = [1e-4]
     result = fit(model, str(image_folder), **options)
     after = {k: v.cpu() for k, v in result.model.state_dict().items()}
     changed = {k.split(".")[0] + "." + k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}
@@ -99,6 +127,7 @@ def test_fit_with_cache_frozen_trains_only_the_suffix_and_tests_the_whole_model(
         ({"finetune": "last:2", "mixup": 0.2}, "mixup and cutmix"),
         ({"finetune": "last:2", "bn_freeze": "off"}, "bn_freeze"),
         ({"finetune": "last:2", "cache_views": 0}, "cache_views"),
+        ({"finetune": "last:2", "cache_shift": -1}, "cache_shift"),
     ],
 )
 def test_cache_frozen_rejects_settings_it_cannot_honour(options, message):

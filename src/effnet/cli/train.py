@@ -91,6 +91,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help=f"--cache-frozen: views per image (default {d.cache_views}, fewer if memory is short)",
     )
+    group.add_argument(
+        "--cache-shift",
+        type=int,
+        help=f"--cache-frozen: shift the served features by up to N cells (N x the frozen prefix's stride in "
+        f"pixels) per axis, a fresh draw each epoch (default {d.cache_shift})",
+    )
     group.add_argument("--bn-momentum", type=float, help=f"BN statistics momentum (default {d.bn_momentum})")
     group.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")
     group.add_argument("--lr", type=float, help="base learning rate (default: per optimizer, scaled by batch/64)")

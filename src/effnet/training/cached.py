@@ -8,7 +8,10 @@ image and serves those features to the loop instead of images:
   images change the label, as in handwriting), the other views draws of the run's augmentation
   preset (a fixed set of augmented views, seeded per view and image, so a resumed run rebuilds
   the same cache);
-* each epoch shows every image once, through one of its views picked at random (seeded by epoch);
+* each epoch shows every image once, through one of its views picked at random (seeded by epoch),
+  optionally shifted by a few feature cells (`cache_shift`): a translation of the image by whole
+  multiples of the prefix's stride, which the convolutions carry through exactly away from the
+  borders, so it is the cached counterpart of CIFAR's classic pad-and-crop augmentation;
 * validation features (view 0) are cached too, so per-epoch validation runs the suffix only. The
   test set still goes through the whole model at the end: that is the model a user keeps.
 
@@ -42,12 +45,14 @@ MEMORY_SHARE = 0.6
 
 
 class CachedFeatures(Dataset):
-    """Items `(features of one view, label)`; which view is a pure function of (seed, epoch, index)."""
+    """Items `(features of one view, label)`; which view, and its shift by up to `shift` cells along
+    each axis (edges repeated), are a pure function of (seed, epoch, index)."""
 
     in_memory = True
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> None:
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, seed: int = 0, shift: int = 0) -> None:
         self.features, self.labels, self.seed = features, labels, seed  # features: views x N x C x H x W
+        self.shift = shift
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -58,9 +63,23 @@ class CachedFeatures(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         views = self.features.shape[0]
-        view = derive_seed(self.seed, self.epoch, index) % views if views > 1 else 0
+        draw = derive_seed(self.seed, self.epoch, index)
+        view = draw % views if views > 1 else 0
+        features = self.features[view, index]
+        if self.shift:
+            span = 2 * self.shift + 1
+            features = _shifted(features, draw // views % span - self.shift, draw // views // span % span - self.shift)
         # Stored in bf16, served in fp32 like images: autocast casts again where it computes in bf16.
-        return self.features[view, index].float(), int(self.labels[index])
+        return features.float(), int(self.labels[index])
+
+
+def _shifted(features: torch.Tensor, down: int, right: int) -> torch.Tensor:
+    """`features` (C x H x W) moved `down` rows and `right` columns, the edge rows and columns repeated
+    into the space left behind (what replicate padding and a crop would give)."""
+    height, width = features.shape[-2:]
+    rows = (torch.arange(height) - down).clamp_(0, height - 1)
+    columns = (torch.arange(width) - right).clamp_(0, width - 1)
+    return features[:, rows][:, :, columns]
 
 
 def frozen_stage_count(first_trainable_part: int) -> int:
@@ -99,7 +118,7 @@ def build_feature_cache(
         *[TransformedDataset(train_split, transform, seed) for transform in fixed],
         *[_at_epoch(TransformedDataset(train_split, augmented, seed), view) for view in range(len(fixed), views)],
     ][:views]
-    train = _cache(train_views, run_prefix, seed, workers)
+    train = _cache(train_views, run_prefix, seed, workers, config.cache_shift)
     val = _cache([TransformedDataset(val_split, plain, seed)], run_prefix, seed, workers) if val_split else None
     stored = train.features.numel() + (val.features.numel() if val else 0)
     log.info(
@@ -216,7 +235,9 @@ def _prefix_runner(prefix: FrozenPrefix, img_size: int, device: torch.device):
     return run
 
 
-def _cache(views: list[TransformedDataset], run_prefix, seed: int, workers: int | str) -> CachedFeatures:
+def _cache(
+    views: list[TransformedDataset], run_prefix, seed: int, workers: int | str, shift: int = 0
+) -> CachedFeatures:
     """Features of every image under each view, as one views x N x C x H x W tensor."""
     features: torch.Tensor | None = None
     labels = torch.empty(len(views[0]), dtype=torch.long)
@@ -234,4 +255,4 @@ def _cache(views: list[TransformedDataset], run_prefix, seed: int, workers: int 
                 labels[start : start + len(out)] = batch_labels
             start += len(out)
     assert features is not None
-    return CachedFeatures(features, labels, seed)
+    return CachedFeatures(features, labels, seed, shift)
