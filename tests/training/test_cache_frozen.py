@@ -55,6 +55,11 @@ def test_shifted_views_are_translations_with_repeated_edges() -> None:
     assert torch.equal(CachedFeatures(grid, torch.zeros(1, dtype=torch.long))[0][0], grid[0, 0])  # shift 0: as stored
 
 
+@pytest.mark.parametrize(("side", "shift"), [(24, 2), (28, 2), (14, 1), (7, 1), (48, 4)])
+def test_default_shift_is_a_twelfth_of_the_feature_map(side, shift) -> None:
+    assert cached.default_shift(side) == shift
+
+
 @pytest.mark.parametrize("engine", ["torch", "openvino"])
 def test_cached_views_are_the_prefix_outputs_of_the_plain_and_mirrored_image(image_folder, engine, monkeypatch):
     if engine == "openvino":
@@ -116,7 +121,7 @@ def test_fit_with_cache_frozen_trains_only_the_suffix_and_tests_the_whole_model(
     assert results["test_images"] == 12 and results["test_acc"] is not None
     assert len(results["val_at_minutes"]) == 1 and 0 <= results["val_at_minutes"][0]["val_acc"] <= 1
     log = (Path(fast_options["output"]) / "train.log").read_text()
-    assert "cached the frozen stem + 3 stage(s): 2 view(s)" in log
+    assert "cached the frozen stem + 3 stage(s): 2 view(s)" in log and "shifted by up to 1 cell(s)" in log
 
 
 @pytest.mark.parametrize(

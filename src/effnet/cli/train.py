@@ -94,8 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--cache-shift",
         type=int,
-        help=f"--cache-frozen: shift the served features by up to N cells (N x the frozen prefix's stride in "
-        f"pixels) per axis, a fresh draw each epoch (default {d.cache_shift})",
+        help="--cache-frozen: shift the served features by up to N cells (N x the frozen prefix's stride in "
+        "pixels) per axis, a fresh draw each epoch (default 1/12 of the feature map's side: 2 of 24; 0: off)",
     )
     group.add_argument("--bn-momentum", type=float, help=f"BN statistics momentum (default {d.bn_momentum})")
     group.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")

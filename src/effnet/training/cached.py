@@ -9,9 +9,11 @@ image and serves those features to the loop instead of images:
   preset (a fixed set of augmented views, seeded per view and image, so a resumed run rebuilds
   the same cache);
 * each epoch shows every image once, through one of its views picked at random (seeded by epoch),
-  optionally shifted by a few feature cells (`cache_shift`): a translation of the image by whole
-  multiples of the prefix's stride, which the convolutions carry through exactly away from the
-  borders, so it is the cached counterpart of CIFAR's classic pad-and-crop augmentation;
+  shifted by a few feature cells (`cache_shift`, by default 1/12 of the map's side, rounded: 2 of
+  24): a translation of the image by whole multiples of the prefix's stride, which the convolutions
+  carry through exactly away from the borders, so it is the cached counterpart of CIFAR's classic
+  pad-and-crop augmentation. On CIFAR-10 it took the 45-minute test accuracy from 92.77-92.93% to
+  93.01% (README "Training"): the suffix memorises 4 fixed views less;
 * validation features (view 0) are cached too, so per-epoch validation runs the suffix only. The
   test set still goes through the whole model at the end: that is the model a user keeps.
 
@@ -42,6 +44,8 @@ PREFIX_BATCH = 64
 # Share of the available memory the cache may take: the rest is for the model, the optimizer, the
 # data loader and the user's other programs.
 MEMORY_SHARE = 0.6
+# Default shift: this fraction of the feature map's side (CIFAR's pad-4-of-32 crop is 1/8).
+SHIFT_SHARE = 1 / 12
 
 
 class CachedFeatures(Dataset):
@@ -118,11 +122,13 @@ def build_feature_cache(
         *[TransformedDataset(train_split, transform, seed) for transform in fixed],
         *[_at_epoch(TransformedDataset(train_split, augmented, seed), view) for view in range(len(fixed), views)],
     ][:views]
-    train = _cache(train_views, run_prefix, seed, workers, config.cache_shift)
+    train = _cache(train_views, run_prefix, seed, workers)
+    train.shift = default_shift(train.features.shape[-1]) if config.cache_shift is None else config.cache_shift
     val = _cache([TransformedDataset(val_split, plain, seed)], run_prefix, seed, workers) if val_split else None
     stored = train.features.numel() + (val.features.numel() if val else 0)
     log.info(
-        "cached the frozen stem + %d stage(s): %d view(s) of %d training images%s, features %s, %.2f GB, in %.0f s",
+        "cached the frozen stem + %d stage(s): %d view(s) of %d training images%s, features %s, %.2f GB, in %.0f s;"
+        " served shifted by up to %d cell(s)",
         frozen_stages,
         views,
         len(train),
@@ -130,8 +136,14 @@ def build_feature_cache(
         "x".join(str(d) for d in train.features.shape[2:]),
         stored * train.features.element_size() / 1e9,
         time.perf_counter() - started,
+        train.shift,
     )
     return train, val
+
+
+def default_shift(side: int) -> int:
+    """`cache_shift`'s default for a feature map `side` cells wide: SHIFT_SHARE of it, at least 1."""
+    return max(1, round(side * SHIFT_SHARE))
 
 
 def views_that_fit(
@@ -235,9 +247,7 @@ def _prefix_runner(prefix: FrozenPrefix, img_size: int, device: torch.device):
     return run
 
 
-def _cache(
-    views: list[TransformedDataset], run_prefix, seed: int, workers: int | str, shift: int = 0
-) -> CachedFeatures:
+def _cache(views: list[TransformedDataset], run_prefix, seed: int, workers: int | str) -> CachedFeatures:
     """Features of every image under each view, as one views x N x C x H x W tensor."""
     features: torch.Tensor | None = None
     labels = torch.empty(len(views[0]), dtype=torch.long)
@@ -255,4 +265,4 @@ def _cache(
                 labels[start : start + len(out)] = batch_labels
             start += len(out)
     assert features is not None
-    return CachedFeatures(features, labels, seed, shift)
+    return CachedFeatures(features, labels, seed)

@@ -47,7 +47,7 @@ class TrainConfig:
     bn_momentum: float | None = 0.1  # None keeps the weights' own (TF ports: 0.01, too slow to adapt)
     cache_frozen: bool | None = None  # last:N: run the frozen stages once per stored view; None: with auto
     cache_views: int = 4  # views stored per image: plain, mirrored, then draws of the augment preset
-    cache_shift: int = 0  # shift each served view by up to this many feature cells per axis (see cached.py)
+    cache_shift: int | None = None  # shift served views by up to this many feature cells; None: 1/12 of the side
 
     # Optimisation.
     optimizer: str = "sgd"
@@ -133,7 +133,7 @@ class TrainConfig:
             raise ValueError("cache_frozen keeps the frozen stages' BatchNorm statistics fixed: bn_freeze 'off' cannot")
         if self.cache_views < 1:
             raise ValueError(f"cache_views must be at least 1, got {self.cache_views}")
-        if self.cache_shift < 0:
+        if self.cache_shift is not None and self.cache_shift < 0:
             raise ValueError(f"cache_shift must be 0 (off) or more feature cells, got {self.cache_shift}")
 
     def replace(self, **overrides: Any) -> TrainConfig:
