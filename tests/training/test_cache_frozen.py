@@ -74,6 +74,7 @@ def test_cached_views_are_the_prefix_outputs_of_the_plain_and_mirrored_image(ima
     )
     assert train.features.shape[:2] == (3, len(splits.train)) and train.features.dtype == torch.bfloat16
     assert val is not None and val.features.shape[:2] == (1, len(splits.val))
+    assert train.shift == cached.default_shift(train.features.shape[-1]) and val.shift == 0  # validation: as stored
     plain = build_transforms(model.pretrained_cfg, train=False, img_size=32)
     images = torch.stack([plain(splits.train[i][0]) for i in range(4)])
     prefix = split_at_stage(model, 3)[0]
