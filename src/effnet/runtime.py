@@ -136,14 +136,17 @@ def choose_stage_precision(
     backward, `models.depthwise`, which narrowed the gap), so it is timed here, on `example` (a
     real-sized input batch of `model`) and on a copy of `model`, whose running statistics and
     gradients are thrown away: trainable stages forward and backward, frozen ones forward only.
-    Best of `rounds` calls after one warm-up call."""
+    Each stage gets its input as the run would give it: from a stem or stage computing under `dtype`
+    (the first stage of a suffix: `example` as it is). Fed fp32 instead, every stage had to cast its
+    input down under `dtype` but not in fp32, which tipped B0's stage 1 at 224 px to fp32 and the
+    whole step to 0.7x. Best of `rounds` calls after one warm-up call."""
     with torch.random.fork_rng(devices=[]):  # dropout and drop path in `trial` must not move the caller's stream
         return _time_stages(copy.deepcopy(model), example, dtype, rounds, margin)
 
 
 def _time_stages(trial: nn.Module, example: torch.Tensor, dtype: torch.dtype, rounds: int, margin: float) -> list[bool]:
     device_type = example.device.type
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device_type, dtype=dtype):
         x = trial.stem.eval()(example) if hasattr(trial, "stem") else example
     choices = []
     for stage in trial.stages:
@@ -161,8 +164,9 @@ def _time_stages(trial: nn.Module, example: torch.Tensor, dtype: torch.dtype, ro
                 if repeat:
                     best[full] = min(best[full], time.perf_counter() - started)
         choices.append(best[True] < (1 - margin) * best[False])
-        with torch.no_grad():
-            x = stage(x).float()
+        stage.full_precision = False
+        with torch.no_grad(), torch.autocast(device_type, dtype=dtype):
+            x = stage(x).to(dtype)  # what the next stage gets from a neighbour computing in `dtype`
     return choices
 
 

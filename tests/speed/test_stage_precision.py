@@ -9,7 +9,7 @@ import time
 import torch
 from torch import nn
 
-from effnet import create_model
+from effnet import create_model, runtime
 from effnet.models.layers import Stage
 from effnet.runtime import choose_stage_precision, set_stage_precision
 
@@ -83,6 +83,31 @@ def test_chooser_follows_the_measured_speed() -> None:
     model.stages[2].requires_grad_(False)  # frozen stages are timed forward only
     assert choose_stage_precision(model, torch.ones(2, 3), torch.bfloat16) == [True, False, True]
     assert [stage.full_precision for stage in model.stages] == [False] * 3  # measured on a copy
+
+
+class InputDtypes(nn.Module):
+    """Records the dtype of every input it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+        self.seen: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.dtype)
+        return x * self.weight
+
+
+def test_chooser_times_each_stage_on_input_from_a_reduced_precision_neighbour() -> None:
+    model = nn.Module()
+    model.stages = nn.Sequential(Stage(InputDtypes()), Stage(InputDtypes()))
+    runtime._time_stages(model, torch.ones(2, 3), torch.bfloat16, rounds=1, margin=0.05)
+    first, second = (stage[0].seen for stage in model.stages)
+    # The first stage of a suffix gets the example as it is (fp32 here); bf16 and fp32 candidates alternate
+    # (warm-up and one timed round), then one call computes the next stage's input.
+    assert first == [torch.float32] * 5
+    # The second gets the first's output as a bf16 neighbour hands it over; its fp32 candidate casts it up.
+    assert second == [torch.bfloat16, torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
 
 
 def test_chooser_leaves_the_model_and_random_stream_untouched() -> None:
