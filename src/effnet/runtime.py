@@ -138,8 +138,8 @@ def choose_stage_precision(
     gradients are thrown away: trainable stages forward and backward, frozen ones forward only.
     Each stage gets its input as the run would give it: from a stem or stage computing under `dtype`
     (the first stage of a suffix: `example` as it is). Fed fp32 instead, every stage had to cast its
-    input down under `dtype` but not in fp32, which tipped B0's stage 1 at 224 px to fp32 and the
-    whole step to 0.7x. Best of `rounds` calls after one warm-up call."""
+    input down under `dtype` but not in fp32, which tipped B0's stage 1 at 224 px to fp32 (the whole
+    step measured 0.68x of all-bf16 in that run). Best of `rounds` calls after one warm-up call."""
     with torch.random.fork_rng(devices=[]):  # dropout and drop path in `trial` must not move the caller's stream
         return _time_stages(copy.deepcopy(model), example, dtype, rounds, margin)
 

@@ -67,12 +67,13 @@ class CachedFeatures(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         views = self.features.shape[0]
-        draw = derive_seed(self.seed, self.epoch, index)
-        view = draw % views if views > 1 else 0
+        draw = derive_seed(self.seed, self.epoch, index)  # 63 random bits: the view, then the shift
+        view, draw = draw % views, draw // views
         features = self.features[view, index]
         if self.shift:
-            span = 2 * self.shift + 1
-            features = _shifted(features, draw // views % span - self.shift, draw // views // span % span - self.shift)
+            span = 2 * self.shift + 1  # shifts -shift..shift along each axis
+            down, right = draw % span - self.shift, draw // span % span - self.shift
+            features = _shifted(features, down, right)
         # Stored in bf16, served in fp32 like images: autocast casts again where it computes in bf16.
         return features.float(), int(self.labels[index])
 
