@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from effnet.cli import main
@@ -28,6 +29,7 @@ resume = {resume!r}
 options = dict(img_size=32, epochs=3, batch_size=4, val_split=0.25, warmup_steps=2, workers=0, quiet=True,
                precision="fp32", deterministic=True, checkpoint_every=2, ema=True, mixup=0.2, report=False,
                data_dir={data_dir!r})
+options.update({extra!r})
 if resume:
     fit(None, None, resume={output!r})
 else:
@@ -36,9 +38,18 @@ else:
 """
 
 
-def _start(image_folder: Path, output: Path, resume: bool = False) -> subprocess.Popen:
+# The cached path (`--cache-frozen`): features rebuilt on resume, views and shifts drawn per (seed, epoch, index).
+CACHED = {"finetune": "last:4", "cache_frozen": True, "cache_shift": 1, "mixup": 0.0}
+
+
+def _start(image_folder: Path, output: Path, resume: bool = False, extra: dict | None = None) -> subprocess.Popen:
     script = RUN_SCRIPT.format(
-        here=str(HERE), resume=resume, output=str(output), data=str(image_folder), data_dir=str(output.parent / "d")
+        here=str(HERE),
+        resume=resume,
+        output=str(output),
+        data=str(image_folder),
+        data_dir=str(output.parent / "d"),
+        extra=extra or {},
     )
     return subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ONE_THREAD
@@ -50,10 +61,11 @@ def _finish(process: subprocess.Popen) -> None:
     assert process.returncode == 0, output
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(image_folder, tmp_path):
+@pytest.mark.parametrize("extra", [{}, CACHED], ids=["images", "cached"])
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(image_folder, tmp_path, extra):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    uninterrupted = _start(image_folder, reference)  # runs alongside the one to be killed
-    process = _start(image_folder, killed)
+    uninterrupted = _start(image_folder, reference, extra=extra)  # runs alongside the one to be killed
+    process = _start(image_folder, killed, extra=extra)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -69,7 +81,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(image_folder
     assert not (killed / "results.json").exists()
 
     _finish(uninterrupted)
-    _finish(_start(image_folder, killed, resume=True))
+    _finish(_start(image_folder, killed, resume=True, extra=extra))
     expected = torch.load(reference / "state.pt", weights_only=True)
     resumed = torch.load(killed / "state.pt", weights_only=True)
     for part in ("model", "ema"):
