@@ -123,9 +123,8 @@ def build_feature_cache(
         *[TransformedDataset(train_split, transform, seed) for transform in fixed],
         *[_at_epoch(TransformedDataset(train_split, augmented, seed), view) for view in range(len(fixed), views)],
     ][:views]
-    train = _cache(train_views, run_prefix, seed, workers)
-    train.shift = default_shift(train.features.shape[-1]) if config.cache_shift is None else config.cache_shift
-    val = _cache([TransformedDataset(val_split, plain, seed)], run_prefix, seed, workers) if val_split else None
+    train = _cache(train_views, run_prefix, seed, workers, config.cache_shift)
+    val = _cache([TransformedDataset(val_split, plain, seed)], run_prefix, seed, workers, 0) if val_split else None
     stored = train.features.numel() + (val.features.numel() if val else 0)
     log.info(
         "cached the frozen stem + %d stage(s): %d view(s) of %d training images%s, features %s, %.2f GB, in %.0f s;"
@@ -248,8 +247,11 @@ def _prefix_runner(prefix: FrozenPrefix, img_size: int, device: torch.device):
     return run
 
 
-def _cache(views: list[TransformedDataset], run_prefix, seed: int, workers: int | str) -> CachedFeatures:
-    """Features of every image under each view, as one views x N x C x H x W tensor."""
+def _cache(
+    views: list[TransformedDataset], run_prefix, seed: int, workers: int | str, shift: int | None
+) -> CachedFeatures:
+    """Features of every image under each view, as one views x N x C x H x W tensor, served shifted
+    by up to `shift` cells (None: `default_shift` of the feature map)."""
     features: torch.Tensor | None = None
     labels = torch.empty(len(views[0]), dtype=torch.long)
     # "auto" (in-process for data in memory) measured fastest: 1 or 2 worker processes, which would
@@ -266,4 +268,4 @@ def _cache(views: list[TransformedDataset], run_prefix, seed: int, workers: int 
                 labels[start : start + len(out)] = batch_labels
             start += len(out)
     assert features is not None
-    return CachedFeatures(features, labels, seed)
+    return CachedFeatures(features, labels, seed, default_shift(features.shape[-1]) if shift is None else shift)
