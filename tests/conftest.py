@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ import torch
 
 # Two cores: keep intra-op threads fixed so timings and determinism do not depend on the runner.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The suite's own cache folder (effnet.paths.cache_dir), inherited by the CLI subprocesses: tests never
+# read or write the user's ~/.cache/effnet, and the per-machine measurements are made once per run.
+os.environ["EFFNET_CACHE"] = tempfile.mkdtemp(prefix="effnet-test-cache-")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Protocol
@@ -37,18 +38,23 @@ class Engine(Protocol):
 
 class TorchEngine:
     """The model in eval mode, without autograd, batch norms folded into the convolutions and
-    channels-last (`runtime.prepare_inference_model`): the same logits within fp32 rounding."""
+    channels-last (`runtime.prepare_inference_model`): the same logits within fp32 rounding, or
+    within bf16 rounding under `dtype=torch.bfloat16` (autocast; chosen by `runtime` only where
+    the CPU computes bf16 natively)."""
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
         self.device = torch.device(device)
         self.model = runtime.prepare_inference_model(model, self.device)
+        self.dtype = dtype
+        self.precision = runtime.DTYPE_NAMES[dtype]
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device).contiguous(memory_format=torch.channels_last)
-        return self.model(images).float().cpu()
+        with runtime.autocast(self.device, self.dtype):
+            return self.model(images).float().cpu()
 
 
 class OnnxRuntimeEngine:
@@ -77,27 +83,21 @@ class OnnxRuntimeEngine:
 
 
 class OpenVinoEngine:
-    """The model converted to OpenVINO and compiled for the CPU, in bf16 where the CPU computes
-    bf16 natively (AVX-512 BF16, AMX): the fastest CPU backend measured (benchmarks/README.md).
-    The first batch is also run through PyTorch and the two are compared."""
+    """The model converted to OpenVINO and compiled for the CPU at `precision` ("f32" or "bf16";
+    default: bf16 only where the CPU computes it natively). `converted` reuses an earlier
+    conversion of the same model (`convert_openvino`), which takes longer than compiling. The first
+    batch is also run through PyTorch and the two are compared."""
 
     name = "openvino"
 
-    def __init__(self, model: nn.Module, img_size: int) -> None:
-        try:
-            import openvino as ov
-        except ImportError as error:
-            raise RuntimeError("backend 'openvino' needs OpenVINO: pip install 'effnet[fast]'") from error
+    def __init__(self, model: nn.Module, img_size: int, precision: str | None = None, converted=None) -> None:
+        ov = _openvino()
         self.reference = model.cpu().eval()
-        self.bf16 = runtime.cpu_supports_bf16()
-        example = torch.zeros(1, 3, img_size, img_size)
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            # Tracing notes that the 'same' padding sizes become constants: they are, at a fixed img_size.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            converted = ov.convert_model(self.reference, example_input=example, input=[(-1, 3, img_size, img_size)])
-        precision = "bf16" if self.bf16 else "f32"
+        self.precision = precision or ("bf16" if runtime.cpu_supports_bf16() else "f32")
+        self.bf16 = self.precision == "bf16"
+        converted = converted if converted is not None else convert_openvino(self.reference, img_size)
         compiled = ov.Core().compile_model(
-            converted, "CPU", {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+            converted, "CPU", {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         )
         self.request = compiled.create_infer_request()
         self.parity: dict[str, float] | None = None
@@ -109,6 +109,29 @@ class OpenVinoEngine:
             tolerance = BF16_PARITY_TOLERANCE if self.bf16 else PARITY_TOLERANCE
             self.parity = check_parity(self.reference, logits, images, self.name, tolerance)
         return logits
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError as error:
+        raise RuntimeError("backend 'openvino' needs OpenVINO: pip install 'effnet[fast]'") from error
+    return openvino
+
+
+def convert_openvino(model: nn.Module, img_size: int):
+    """`model` as an OpenVINO model with a dynamic batch of `img_size` images (traced by OpenVINO's
+    PyTorch frontend; its tracer warnings are about constants that are constant at a fixed size)."""
+    ov = _openvino()
+    example = torch.zeros(1, 3, img_size, img_size)
+    started = time.perf_counter()
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")  # the frontend's own calls
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+        converted = ov.convert_model(model.cpu().eval(), example_input=example, input=[(-1, 3, img_size, img_size)])
+    log.debug("converted to OpenVINO in %.1f s", time.perf_counter() - started)
+    return converted
 
 
 def openvino_available() -> bool:
@@ -154,13 +177,16 @@ def create_engine(
     backend: str = "auto",
     device: str | torch.device = "cpu",
     img_size: int | None = None,
+    batch_size: int = 32,
+    task: str | None = None,
 ) -> Engine:
     """An `Engine` for `model` (a module, or the path of an exported .onnx file).
 
     backend: 'torch', 'onnxruntime' (a module is exported to a temporary ONNX file first, at
-    `img_size`, with a dynamic batch size), 'openvino' (converted in memory) or 'auto' (the
-    backend that fits: ONNX Runtime for an .onnx file; for a module on the CPU OpenVINO when it is
-    installed, the fastest measured, else PyTorch).
+    `img_size`, with a dynamic batch size), 'openvino' (converted in memory) or 'auto': ONNX Runtime
+    for an .onnx file; for a module on the CPU the fastest of the backends and precisions this CPU
+    allows (`runtime.inference_candidates`), measured once per machine on batches of `batch_size`
+    and remembered under `task` (default: the model's name and size); on a GPU, PyTorch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -169,15 +195,43 @@ def create_engine(
             raise ValueError(f"{model} is an exported ONNX file: use --backend onnxruntime (or auto)")
         return OnnxRuntimeEngine(model)
     size = img_size or model.config.preprocess.input_size
+    if backend == "auto" and torch.device(device).type != "cpu":  # a GPU: its autocast dtype
+        return TorchEngine(model, device, runtime.autocast_dtype(torch.device(device), "auto"))
     if backend == "auto":
-        backend = "openvino" if torch.device(device).type == "cpu" and openvino_available() else "torch"
+        return _fastest_engine(model, size, batch_size, task or f"{_model_name(model)} {size}px")
     if backend == "torch":
         return TorchEngine(model, device)
     if backend == "openvino":
         return OpenVinoEngine(model, size)
+    return _onnxruntime_engine(model, size)
+
+
+def _onnxruntime_engine(model: nn.Module, size: int) -> OnnxRuntimeEngine:
     from effnet.export import export_onnx
 
     with tempfile.TemporaryDirectory(prefix="effnet-onnx-") as folder:
         # ONNX Runtime reads the whole file when the session is made; the file can go afterwards.
         path = export_onnx(model.cpu().eval(), Path(folder) / "model.onnx", img_size=size)
         return OnnxRuntimeEngine(path, reference=model)
+
+
+def _model_name(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "name", None) or type(model).__name__
+
+
+def _fastest_engine(model: nn.Module, size: int, batch_size: int, task: str) -> Engine:
+    """The engine `runtime.choose_inference` picks among the candidates this CPU allows."""
+    candidates = runtime.inference_candidates(openvino_available())
+    converted = {}
+
+    def build(candidate: str) -> Engine:
+        backend, precision = candidate.split(" ")
+        if backend == "torch":
+            return TorchEngine(model, "cpu", torch.bfloat16 if precision == "bf16" else None)
+        if "model" not in converted:
+            converted["model"] = convert_openvino(model, size)
+        return OpenVinoEngine(model, size, precision, converted["model"])
+
+    example = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return runtime.choose_inference(f"infer {task} batch {batch_size}", candidates, build, example)

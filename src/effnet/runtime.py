@@ -9,14 +9,26 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import hashlib
+import json
+import logging
+import os
+import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from effnet.models import fused
+from effnet.paths import cache_dir
+
+log = logging.getLogger("effnet")
+T = TypeVar("T")
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -33,18 +45,105 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX-512 BF16 or AMX), where bf16 autocast
-    is a speed-up rather than an emulation."""
-    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-    if "AMX" in capability.upper():
-        return True
+ISA_LEVELS = ("AVX2", "AVX-512", "AVX-512 BF16", "AMX")  # what matters here: bf16 arithmetic from AVX-512 BF16 on
+NATIVE_BF16_ENV = "EFFNET_NATIVE_BF16"  # "0" or "1": override the detection (tests, or a CPU that misreports)
+# oneDNN's names for the ISA caps (ONEDNN_MAX_CPU_ISA) that leave no native bf16 arithmetic.
+_ONEDNN_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What this CPU offers the kernels we run, as PyTorch and oneDNN will use it.
+
+    `isa` is the highest of ISA_LEVELS that both the hardware and the kernel libraries' caps allow:
+    `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` on an AVX-512 machine gives "AVX2", and
+    reproduces that kind's slow bf16 kernels (benchmarks/README.md), so tests and benchmarks can
+    stand in for a machine of the other kind."""
+
+    model: str
+    flags: tuple[str, ...]  # the /proc/cpuinfo flags that decide `isa`
+    isa: str
+    threads: int
+
+    @property
+    def native_bf16(self) -> bool:
+        forced = os.environ.get(NATIVE_BF16_ENV)
+        if forced in ("0", "1"):
+            return forced == "1"
+        return ISA_LEVELS.index(self.isa) >= ISA_LEVELS.index("AVX-512 BF16")
+
+    def describe(self) -> str:
+        bf16 = "native bf16" if self.native_bf16 else "no native bf16"
+        return f"CPU {self.model}, {self.isa} ({bf16}), {self.threads} threads"
+
+
+def cpu_info() -> CpuInfo:
+    """The CPU as seen by this process (see `CpuInfo`); cheap, read again on every call so that a
+    test's environment variables take effect."""
+    model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
+            for line in handle:
+                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # one flag per ISA level, in order
+    isa = ISA_LEVELS[max([i for i, flag in enumerate(wanted) if flag in flags], default=0)]
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")().upper()
+    if "AMX" in capability and isa != "AMX":  # torch saw AMX where /proc/cpuinfo is not readable
+        isa = "AMX"
+    if capability and "AVX512" not in capability and "AMX" not in capability:  # ATEN_CPU_CAPABILITY caps it
+        isa = "AVX2"
+    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if onednn_cap in _ONEDNN_WITHOUT_BF16:
+        isa = min(isa, "AVX-512" if onednn_cap.startswith("AVX512") else "AVX2", key=ISA_LEVELS.index)
+    return CpuInfo(model, tuple(f for f in wanted if f in flags), isa, torch.get_num_threads())
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX): only there can bf16 be a
+    speed-up. Elsewhere PyTorch emulates it, and its bf16 depthwise convolution is two orders of
+    magnitude slower than fp32, so no default may choose bf16 there."""
+    return cpu_info().native_bf16
+
+
+REMEASURE_ENV = "EFFNET_REMEASURE"  # "1": measure again instead of reusing this machine's stored choices
+
+
+def machine_file() -> Path:
+    """The file that keeps this machine's measured choices: one per CPU model, ISA level (so an
+    emulated AVX2 run keeps its own), thread count and torch version, under `paths.cache_dir`."""
+    info = cpu_info()
+    key = "|".join((info.model, ",".join(info.flags), info.isa, str(info.threads), torch.__version__))
+    return cache_dir("runtime", f"choices-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
+
+
+def remembered(task: str, measure: Callable[[], T]) -> tuple[T, bool]:
+    """This machine's stored answer for `task` (a string naming what was measured and on what), or
+    `measure()`'s, stored for next time. Returns (answer, whether it was measured now). Answers are
+    JSON values. An unreadable file is measured over, never an error: it only holds measurements."""
+    path = machine_file()
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    if not isinstance(stored, dict):
+        stored = {}
+    if task in stored and os.environ.get(REMEASURE_ENV) != "1":
+        return stored[task], False
+    answer = measure()
+    stored[task] = answer
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(stored, indent=1, sort_keys=True))
+        os.replace(temporary, path)
+    except OSError as error:  # a read-only home: measure again next time
+        log.warning("could not keep the measured choice in %s (%s); it will be measured again next run", path, error)
+    return answer, True
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
@@ -59,12 +158,69 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
         raise ValueError(f"unknown precision {precision!r}; expected auto, fp32, bf16 or fp16")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # bf16 on CPUs that compute it natively. Measured for training (B0 224 px batch 32, one run at low
-    # load): bf16 22.8 img/s vs fp32 17.2; at 128 px (batch 16, Lite0 batch 64) fp32 was as fast or
-    # faster, so a small-image user may prefer --precision fp32.
+    # bf16 only where the CPU computes it natively; there `choose_stage_precision` still measures
+    # each trained stage, since at low resolution some of oneDNN's bf16 kernels train slower.
     if device.type == "cpu" and cpu_supports_bf16():
         return torch.bfloat16
     return None
+
+
+DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def inference_candidates(openvino_installed: bool) -> list[str]:
+    """The "backend precision" pairs worth measuring for CPU inference here: bf16 only where the CPU
+    computes it natively (elsewhere it is the slowest choice by far, no measurement needed)."""
+    precisions = ["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"]
+    candidates = [f"torch {precision}" for precision in precisions]
+    if openvino_installed:
+        candidates += [f"openvino {'f32' if precision == 'fp32' else precision}" for precision in precisions]
+    return candidates
+
+
+def choose_inference(task: str, candidates: list[str], build: Callable[[str], Callable], example: torch.Tensor):
+    """The engine `build(candidate)` makes for the fastest of `candidates` on `example` (a batch),
+    measured once per machine and task and remembered (`remembered`); logged in one line.
+
+    Why measure rather than rank: which backend wins depends on the CPU's ISA, its cache sizes and
+    the model's shape (OpenVINO's fused kernels against oneDNN through PyTorch), and a rule that was
+    right on one machine kind was wrong on the other."""
+    engines: dict[str, Callable] = {}
+    speeds: dict[str, float] = {}
+
+    def measure() -> str:
+        log.info("measuring %s on this CPU, once per machine: %s", task, ", ".join(candidates))
+        for candidate in candidates:
+            engine = engines[candidate] = build(candidate)
+            parity = getattr(engine, "parity", None)
+            if parity is None and hasattr(engine, "parity"):
+                engine.parity = {}  # no parity check while timing; the kept engine checks its first real batch
+            speeds[candidate] = len(example) / _best_seconds(lambda engine=engine: engine(example), rounds=2)
+            if hasattr(engine, "parity"):
+                engine.parity = parity
+        return max(speeds, key=speeds.__getitem__)
+
+    if len(candidates) == 1:
+        choice, measured = candidates[0], False
+    else:
+        choice, measured = remembered(f"{task} among {', '.join(candidates)}", measure)
+    if measured:
+        figures = ", ".join(f"{name} {speed:.0f} img/s" for name, speed in speeds.items())
+        log.info("%s: %s, the fastest measured here (%s); kept in %s", task, choice, figures, machine_file())
+    else:
+        how = "the only choice on this CPU" if len(candidates) == 1 else "measured on this machine before"
+        log.info("%s: %s (%s)", task, choice, how)
+    return engines.get(choice) or build(choice)
+
+
+def _best_seconds(call: Callable[[], object], rounds: int) -> float:
+    call()  # warm-up: first-call allocations and kernel selection
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number (malloc.h)

@@ -3,10 +3,12 @@ channels-last) to fp32 rounding, OpenVINO (bf16 where the CPU has it) to bf16 ro
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from effnet import create_model, inference
+from effnet import create_model, inference, runtime
 from effnet.inference import BF16_PARITY_TOLERANCE, TorchEngine, create_engine
 
 
@@ -27,13 +29,63 @@ def test_torch_engine_matches_the_model(model_and_images) -> None:
     torch.testing.assert_close(TorchEngine(model)(images), expected, atol=1e-4, rtol=0)
 
 
-def test_auto_picks_openvino_when_installed_and_torch_otherwise(model_and_images, monkeypatch) -> None:
+class _FakeEngine:
+    """An engine that takes `delay` seconds per call, for the chooser to time."""
+
+    def __init__(self, label: str, delay: float) -> None:
+        self.name, self.delay, self.parity = label, delay, None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay)
+        return torch.zeros(len(images), 10)
+
+
+def test_auto_measures_the_candidates_keeps_the_fastest_and_remembers_it(
+    model_and_images, monkeypatch, tmp_path, caplog
+) -> None:
     model, _ = model_and_images
-    monkeypatch.setattr(inference, "OpenVinoEngine", lambda model, size: ("openvino", size))
+    monkeypatch.setenv("EFFNET_CACHE", str(tmp_path))
+    monkeypatch.setenv("EFFNET_NATIVE_BF16", "0")
+    built: list[str] = []
+    delays = {"f32": 0.001, None: 0.03}  # OpenVINO fast, torch slow in this fake world
+
+    def fake_openvino(model, size, precision=None, converted=None):
+        built.append(f"openvino {precision}")
+        return _FakeEngine("openvino", delays["f32"])
+
+    class FakeTorch(_FakeEngine):
+        def __init__(self, model, device="cpu", dtype=None) -> None:
+            built.append(f"torch {dtype}")
+            super().__init__("torch", delays[None])
+
+    monkeypatch.setattr(inference, "OpenVinoEngine", fake_openvino)
+    monkeypatch.setattr(inference, "TorchEngine", FakeTorch)
+    monkeypatch.setattr(inference, "convert_openvino", lambda model, size: "converted")
     monkeypatch.setattr(inference, "openvino_available", lambda: True)
-    assert create_engine(model, backend="auto", img_size=64) == ("openvino", 64)
+    with caplog.at_level("INFO", logger="effnet"):
+        engine = create_engine(model, backend="auto", img_size=64, batch_size=2)
+    assert engine.name == "openvino"
+    assert built == ["torch None", "openvino f32"]  # no bf16 candidate without native bf16
+    assert any("the fastest measured here" in record.getMessage() for record in caplog.records)
+    assert len(list(tmp_path.glob("runtime/choices-*.json"))) == 1
+    built.clear()
+    delays["f32"], delays[None] = 0.03, 0.001  # the machine's answer is kept: no new measurement
+    assert create_engine(model, backend="auto", img_size=64, batch_size=2).name == "openvino"
+    assert built == ["openvino f32"]
+    monkeypatch.setenv("EFFNET_REMEASURE", "1")
+    assert create_engine(model, backend="auto", img_size=64, batch_size=2).name == "torch"
     monkeypatch.setattr(inference, "openvino_available", lambda: False)
+    built.clear()
     assert create_engine(model, backend="auto", img_size=64).name == "torch"
+    assert built == ["torch None"]  # the only candidate: nothing to measure
+
+
+def test_inference_candidates_follow_native_bf16(monkeypatch) -> None:
+    monkeypatch.setenv("EFFNET_NATIVE_BF16", "0")
+    assert runtime.inference_candidates(True) == ["torch fp32", "openvino f32"]
+    monkeypatch.setenv("EFFNET_NATIVE_BF16", "1")
+    assert runtime.inference_candidates(False) == ["torch fp32", "torch bf16"]
+    assert "openvino bf16" in runtime.inference_candidates(True)
 
 
 def test_openvino_engine_matches_the_model_and_reports_parity(model_and_images) -> None:

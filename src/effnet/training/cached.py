@@ -17,9 +17,10 @@ image and serves those features to the loop instead of images:
 * validation features (view 0) are cached too, so per-epoch validation runs the suffix only. The
   test set still goes through the whole model at the end: that is the model a user keeps.
 
-The prefix runs under OpenVINO when it is installed and the device is the CPU (2-3x faster than
-PyTorch bf16 on this machine, see README "Training"), else under PyTorch with folded batch norms.
-Features are stored in bfloat16 (half the memory of fp32; the suffix computes in bf16 anyway).
+The prefix runs on the inference engine `runtime` measures fastest on this CPU (OpenVINO or PyTorch
+with folded batch norms, in bf16 only where the CPU computes bf16 natively). Features are stored in
+bfloat16 whatever the engine: half the memory of fp32, and rounding the frozen features to 8 bits of
+mantissa is far below the augmentation's noise.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ import time
 
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from effnet.data import TransformedDataset, build_transforms, make_loader
 from effnet.data.loading import derive_seed
+from effnet.inference import create_engine
 from effnet.models.efficientnet import EfficientNet
 from effnet.models.frozen import FrozenPrefix, TrainableSuffix, split_at_stage
-from effnet.runtime import autocast, prepare_inference_model
 from effnet.training.config import TrainConfig
 
 log = logging.getLogger("effnet")
@@ -84,7 +86,7 @@ def _shifted(features: torch.Tensor, down: int, right: int) -> torch.Tensor:
     height, width = features.shape[-2:]
     rows = (torch.arange(height) - down).clamp_(0, height - 1)
     columns = (torch.arange(width) - right).clamp_(0, width - 1)
-    return features.index_select(1, rows).index_select(2, columns)  # 36 us here; [:, rows][:, :, columns] 660
+    return features.index_select(1, rows).index_select(2, columns)  # far faster than [:, rows][:, :, columns]
 
 
 def frozen_stage_count(first_trainable_part: int) -> int:
@@ -111,7 +113,8 @@ def build_feature_cache(
     of every validation image); return the two cached data sets. Without `flip` (mirror images
     change the label) there is no mirrored view and the augmented draws do not flip."""
     prefix = split_at_stage(model, frozen_stages)[0]
-    run_prefix = _prefix_runner(prefix, img_size, device)
+    task = f"feature-cache prefix of {model.config.name} (stem + {frozen_stages} stages) at {img_size}px"
+    run_prefix = _prefix_runner(prefix, img_size, device, task)
     preprocess = model.pretrained_cfg
     plain = build_transforms(preprocess, train=False, img_size=img_size)
     augmented = build_transforms(preprocess, train=True, augment=config.augment, img_size=img_size, flip=flip)
@@ -123,8 +126,10 @@ def build_feature_cache(
         *[TransformedDataset(train_split, transform, seed) for transform in fixed],
         *[_at_epoch(TransformedDataset(train_split, augmented, seed), view) for view in range(len(fixed), views)],
     ][:views]
-    train = _cache(train_views, run_prefix, seed, workers, config.cache_shift)
-    val = _cache([TransformedDataset(val_split, plain, seed)], run_prefix, seed, workers, 0) if val_split else None
+    show = not config.quiet
+    train = _cache(train_views, run_prefix, seed, workers, config.cache_shift, "training", show)
+    val_views = [TransformedDataset(val_split, plain, seed)]
+    val = _cache(val_views, run_prefix, seed, workers, 0, "validation", show) if val_split else None
     stored = train.features.numel() + (val.features.numel() if val else 0)
     log.info(
         "cached the frozen stem + %d stage(s): %d view(s) of %d training images%s, features %s, %.2f GB, in %.0f s;"
@@ -212,54 +217,55 @@ def _at_epoch(dataset: TransformedDataset, epoch: int) -> TransformedDataset:
     return dataset
 
 
-def _prefix_runner(prefix: FrozenPrefix, img_size: int, device: torch.device):
-    """A function images -> prefix features (float, on the CPU), by the fastest available route."""
-    from effnet.inference import OpenVinoEngine, openvino_available
-
-    if device.type == "cpu" and openvino_available():
-        engine = OpenVinoEngine(prefix, img_size)
+def _prefix_runner(prefix: FrozenPrefix, img_size: int, device: torch.device, task: str):
+    """A function images -> prefix features (float, on the CPU) on the engine `runtime` picks for
+    this CPU (`inference.create_engine`, measured once per machine). A reduced-precision engine's
+    features are compared with PyTorch fp32 on the first batch and the relative error logged."""
+    engine = create_engine(prefix, "auto", device, img_size=img_size, batch_size=PREFIX_BATCH, task=task)
+    if hasattr(engine, "parity"):
         engine.parity = {}  # its check compares logits; features are compared here, relatively
-        checked = False
+    checked = False
 
-        def run_openvino(images: torch.Tensor) -> torch.Tensor:
-            nonlocal checked
-            features = engine(images)
-            if not checked:
-                expected = prefix(images[:8])
-                error = float((features[:8] - expected).norm() / expected.norm())
-                log.info(
-                    "frozen prefix under OpenVINO (%s): relative error %.1e against PyTorch fp32",
-                    "bf16" if engine.bf16 else "fp32",
-                    error,
-                )
-                checked = True
-            return features
-
-        return run_openvino
-    folded = prepare_inference_model(prefix, device)
-    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-
-    @torch.inference_mode()
     def run(images: torch.Tensor) -> torch.Tensor:
-        with autocast(device, dtype):
-            return folded(images.to(device).contiguous(memory_format=torch.channels_last)).float().cpu()
+        nonlocal checked
+        features = engine(images)
+        if not checked:
+            with torch.inference_mode():
+                expected = prefix(images[:8].to(device)).float().cpu()
+            error = float((features[:8] - expected).norm() / expected.norm())
+            log.info(
+                "frozen prefix on %s %s: relative error %.1e against PyTorch fp32",
+                engine.name,
+                getattr(engine, "precision", "fp32"),
+                error,
+            )
+            checked = True
+        return features
 
     return run
 
 
 def _cache(
-    views: list[TransformedDataset], run_prefix, seed: int, workers: int | str, shift: int | None
+    views: list[TransformedDataset],
+    run_prefix,
+    seed: int,
+    workers: int | str,
+    shift: int | None,
+    what: str = "training",
+    progress: bool = True,
 ) -> CachedFeatures:
     """Features of every image under each view, as one views x N x C x H x W tensor, served shifted
-    by up to `shift` cells (None: `default_shift` of the feature map)."""
+    by up to `shift` cells (None: `default_shift` of the feature map). A progress bar per view (with
+    its ETA): on a slow CPU this is the longest silent phase of a run otherwise."""
     features: torch.Tensor | None = None
     labels = torch.empty(len(views[0]), dtype=torch.long)
     # "auto" (in-process for data in memory) measured fastest: 1 or 2 worker processes, which would
-    # prepare the next batch while the prefix runs, slowed the cache 35-45% on 2 cores (README "Training").
+    # prepare the next batch while the prefix runs, slowed the cache on 2 cores (benchmarks/README.md).
     for view, dataset in enumerate(views):
         start = 0
         loader = make_loader(dataset, PREFIX_BATCH, shuffle=False, seed=seed, epoch=dataset.epoch, num_workers=workers)
-        for images, batch_labels in loader:
+        description = f"caching {what} view {view + 1}/{len(views)}"
+        for images, batch_labels in tqdm(loader, desc=description, disable=not progress, leave=False, unit="batch"):
             out = run_prefix(images)
             if features is None:
                 features = torch.empty((len(views), len(dataset), *out.shape[1:]), dtype=CACHE_DTYPE)
