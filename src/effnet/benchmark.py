@@ -13,6 +13,7 @@ builds, and `inference.create_engine(backend="auto")`.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,11 @@ class Setting:
         return f"{self.precision} {'channels_last' if self.channels_last else 'contiguous'}"
 
 
-BEST_PEER_SETTING = Setting("bf16", True)  # the peers' fastest eager setting on CPUs with bf16
+SETTINGS = tuple(Setting(precision, channels_last) for precision in ("fp32", "bf16") for channels_last in (False, True))
+# A setting whose pilot ran this many times slower than the peer's fastest pilot is left out of the
+# timed rounds: on a CPU without native bf16 a bf16 step takes ~10-100x longer, and timing it five
+# times would take most of an hour without changing which setting is the peer's best.
+SCREEN_FACTOR = 2.0
 
 
 def build_peer(peer: str, variant: str, num_classes: int = 1000) -> nn.Module:
@@ -157,6 +162,46 @@ def ours_at_setting(
     return _training_step(model, optimizer, batch_size, img_size, setting)
 
 
+def peer_calls(
+    peers: list[str], variant: str, mode: str, batch_size: int, img_size: int, settings=SETTINGS
+) -> tuple[dict[str, Callable[[], object]], dict[str, float]]:
+    """Each peer at each of `settings` that survives `screen_settings`: calls named "PEER SETTING",
+    and the pilot images/s of every setting tried (screened-out ones included), by the same names.
+    The peers' best setting is then whichever of these measures fastest, on this machine."""
+    make = plain_inference if mode == "infer" else plain_training
+    calls, pilots = {}, {}
+    for peer in peers:
+        kept, pilot = screen_settings(
+            lambda setting, peer=peer: make(build_peer(peer, variant), batch_size, img_size, setting),
+            settings,
+            batch_size,
+        )
+        calls |= {f"{peer} {label}": call for label, call in kept.items()}
+        pilots |= {f"{peer} {label}": speed for label, speed in pilot.items()}
+    return calls, pilots
+
+
+def screen_settings(
+    make: Callable[[Setting], Callable[[], object]], settings, batch_size: int
+) -> tuple[dict[str, Callable[[], object]], dict[str, float]]:
+    """A pilot of each setting (one warm-up call, one timed call); returns the calls of the settings
+    within SCREEN_FACTOR of the fastest pilot, and every pilot's images/s."""
+    calls, pilots = {}, {}
+    for setting in settings:
+        call = make(setting)
+        call()
+        pilots[setting.label] = time_calls(call, batch_size, warmup=0, repeats=1).images_per_second
+        calls[setting.label] = call
+    fastest = max(pilots.values())
+    return {label: call for label, call in calls.items() if pilots[label] * SCREEN_FACTOR >= fastest}, pilots
+
+
+def best_of(speeds: dict[str, float], prefixes: tuple[str, ...]) -> tuple[str, float]:
+    """The fastest entry whose name starts with one of `prefixes` (e.g. the peers)."""
+    name = max((n for n in speeds if n.startswith(prefixes)), key=speeds.__getitem__)
+    return name, speeds[name]
+
+
 def time_alternating(
     calls: dict[str, Callable[[], object]], batch_size: int, rounds: int = 5, warmup: int = 2
 ) -> dict[str, Timing]:
@@ -217,13 +262,12 @@ def ours_checkpointed_training(model: nn.Module, batch_size: int, img_size: int)
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """The CPU kind every figure depends on (its ISA level as the kernels may use it, so an emulated
+    AVX2 run says AVX2), and the software versions."""
+    emulated = [
+        f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if name in os.environ
+    ]
     return (
-        f"CPU {cpu}, {torch.get_num_threads()} threads, bf16 native: {runtime.cpu_supports_bf16()}, "
+        f"{runtime.cpu_info().describe()}{' (emulated: ' + ' '.join(emulated) + ')' if emulated else ''}, "
         f"torch {torch.__version__}, Python {platform.python_version()}"
     )

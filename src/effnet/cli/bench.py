@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--against",
         default="timm,torchvision",
-        help="comma-separated peers run at their best setting, bf16 autocast + channels-last ('' for none)",
+        help="comma-separated peers, each timed at every setting (fp32/bf16 x NCHW/channels-last) that its "
+        "pilot does not rule out; ours is compared with the fastest peer setting measured ('' for none)",
     )
     p.add_argument("--rounds", type=int, default=5, help="timed calls per implementation, alternating")
     p.add_argument("--warmup", type=int, default=2)
@@ -37,36 +38,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for peer in peers:
         if peer not in benchmark.PEERS:
             raise ValueError(f"unknown peer {peer!r} in --against; choose from {', '.join(benchmark.PEERS)}")
-    if args.batch_size < 1 or args.img_size < 32:
-        raise ValueError("--batch-size must be >= 1 and --img-size >= 32")
-    log.info("%s", benchmark.machine_description())
+    if args.batch_size < 1 or args.img_size < 32 or args.rounds < 1 or args.warmup < 0:
+        raise ValueError("--batch-size and --rounds must be >= 1, --img-size >= 32 and --warmup >= 0")
+    print(benchmark.machine_description(), flush=True)
     size, batch = args.img_size, args.batch_size
-    calls, ours_label = {}, "ours"
+    ours = benchmark.build("ours", args.model)
     if args.mode == "infer":
-        calls["ours"], engine = benchmark.ours_inference(benchmark.build("ours", args.model), batch, size)
+        call, engine = benchmark.ours_inference(ours, batch, size)
         ours_label = f"ours ({engine} engine, the `effnet predict` default)"
     else:
-        ours = benchmark.build("ours", args.model)
-        calls["ours"] = benchmark.ours_training(ours, batch, size)
+        call = benchmark.ours_training(ours, batch, size)
         ours_label = f"ours ({benchmark.precision_label(ours)}, the `effnet train` default)"
-    make = benchmark.plain_inference if args.mode == "infer" else benchmark.plain_training
-    for peer in peers:
-        calls[peer] = make(benchmark.build_peer(peer, args.model), batch, size, benchmark.BEST_PEER_SETTING)
+    log.info("pilot of every peer setting (one call each) ...")
+    calls, pilots = benchmark.peer_calls(peers, args.model, args.mode, batch, size)
+    calls = {"ours": call} | calls
     timings = benchmark.time_alternating(calls, batch, args.rounds, args.warmup)
+    speeds = {name: timing.images_per_second for name, timing in timings.items()}
     print(f"{args.model} {args.mode} at {size}x{size}, batch {batch}, {args.rounds} alternating rounds")
     print(f"{'implementation':52} {'images/s':>9} {'spread':>15} {'ours/this':>10}")
     for name, timing in timings.items():
-        label = ours_label if name == "ours" else f"{name} ({benchmark.BEST_PEER_SETTING.label})"
-        ratio = timings["ours"].images_per_second / timing.images_per_second
         low, high = timing.spread
-        print(f"{label:52} {timing.images_per_second:9.1f} {f'{low:.1f}-{high:.1f}':>15} {ratio:9.2f}x")
+        ratio, label = speeds["ours"] / timing.images_per_second, ours_label if name == "ours" else name
+        print(f"{label:52} {speeds[name]:9.1f} {f'{low:.1f}-{high:.1f}':>15} {ratio:9.2f}x")
+    for name, speed in pilots.items():
+        if name not in calls:
+            print(f"{name:52} {speed:9.1f} {'(pilot only)':>15} {speeds['ours'] / speed:9.2f}x")
+    if peers:
+        best, speed = benchmark.best_of(speeds, tuple(peers))
+        print(f"ours against the peers' best measured setting ({best}): {speeds['ours'] / speed:.2f}x")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(_as_json(args, timings), handle, indent=2)
+            json.dump(_as_json(args, timings, pilots), handle, indent=2)
     return 0
 
 
-def _as_json(args: argparse.Namespace, timings: dict[str, Timing]) -> dict:
+def _as_json(args: argparse.Namespace, timings: dict[str, Timing], pilots: dict[str, float]) -> dict:
     ours = timings["ours"].images_per_second
     return {
         "model": args.model,
@@ -83,4 +89,5 @@ def _as_json(args: argparse.Namespace, timings: dict[str, Timing]) -> dict:
             }
             for name, timing in timings.items()
         },
+        "pilots_images_per_second": pilots,
     }
