@@ -144,7 +144,8 @@ def ours_training(model: nn.Module, batch_size: int, img_size: int) -> Callable[
     setting = Setting(default_precision(), config.channels_last)
     if setting.precision == "bf16" and not model.grad_checkpointing:  # as in `effnet train`
         example, _ = _batch(batch_size, img_size, config.channels_last)
-        runtime.set_stage_precision(model, runtime.choose_stage_precision(model, example, torch.bfloat16))
+        task = f"{model.config.name} (whole model)"
+        runtime.set_stage_precision(model, runtime.choose_stage_precision(model, example, torch.bfloat16, task=task))
     return _training_step(model, optimizer, batch_size, img_size, setting)
 
 

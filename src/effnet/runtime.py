@@ -279,7 +279,12 @@ def prepare_inference_model(model: nn.Module, device: torch.device, channels_las
 
 
 def choose_stage_precision(
-    model: nn.Module, example: torch.Tensor, dtype: torch.dtype, rounds: int = 2, margin: float = 0.05
+    model: nn.Module,
+    example: torch.Tensor,
+    dtype: torch.dtype,
+    rounds: int = 2,
+    margin: float = 0.05,
+    task: str | None = None,
 ) -> list[bool]:
     """For each of `model.stages` (`models.layers.Stage`s; `model` an EfficientNet or the trainable
     suffix of one), whether it should compute in full precision inside a `dtype` autocast region:
@@ -294,10 +299,19 @@ def choose_stage_precision(
     gradients are thrown away: trainable stages forward and backward, frozen ones forward only.
     Each stage gets its input as the run would give it: from a stem or stage computing under `dtype`
     (the first stage of a suffix: `example` as it is). Fed fp32 instead, every stage had to cast its
-    input down under `dtype` but not in fp32, which tipped B0's stage 1 at 224 px to fp32 (the whole
-    step measured 0.68x of all-bf16 in that run). Best of `rounds` calls after one warm-up call."""
-    with torch.random.fork_rng(devices=[]):  # dropout and drop path in `trial` must not move the caller's stream
-        return _time_stages(copy.deepcopy(model), example, dtype, rounds, margin)
+    input down under `dtype` but not in fp32, which tipped B0's stage 1 at 224 px to fp32. Best of
+    `rounds` calls after one warm-up call. With `task` (naming the model and what of it trains) the
+    answer is measured once per machine, input shape and dtype, and remembered (`remembered`)."""
+
+    def measure() -> list[bool]:
+        log.info("timing each trained stage in %s and fp32 on this CPU ...", DTYPE_NAMES[dtype])
+        with torch.random.fork_rng(devices=[]):  # dropout and drop path in `trial` must not move the caller's stream
+            return _time_stages(copy.deepcopy(model), example, dtype, rounds, margin)
+
+    if task is None:
+        return measure()
+    shape = "x".join(map(str, example.shape))
+    return remembered(f"stage precision of {task} on {shape} inputs under {DTYPE_NAMES[dtype]}", measure)[0]
 
 
 def _time_stages(trial: nn.Module, example: torch.Tensor, dtype: torch.dtype, rounds: int, margin: float) -> list[bool]:

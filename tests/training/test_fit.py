@@ -202,7 +202,8 @@ def test_auto_precision_measures_each_stage_once_and_a_resume_keeps_the_choice(i
     calls = []
     monkeypatch.setattr(engine, "autocast_dtype", lambda device, precision: torch.bfloat16)  # as on a bf16 CPU
 
-    def choose(model, example, dtype):
+    def choose(model, example, dtype, task=None):
+        assert task  # named, so the measurement is kept for this machine
         calls.append((tuple(example.shape), dtype))
         return pattern
 
@@ -214,7 +215,7 @@ def test_auto_precision_measures_each_stage_once_and_a_resume_keeps_the_choice(i
     assert [stage.full_precision for stage in result.model.stages] == pattern
     assert load_state(run)["progress"]["stage_precision"]["full_precision"] == pattern
 
-    def must_not_measure(*args):
+    def must_not_measure(*args, **kwargs):
         raise AssertionError("a resumed run re-measured the stage precision")
 
     monkeypatch.setattr(engine, "choose_stage_precision", must_not_measure)

@@ -397,7 +397,8 @@ def evaluate(
     model.eval()
     sums = torch.zeros(7, dtype=torch.float64)  # count, then loss, top-1, top-5 single view and with TTA
     loader = make_loader(dataset, config.batch_size * 2, shuffle=False, seed=config.seed, num_workers=config.workers)
-    for images, labels in loader:
+    shown = not config.quiet and context.is_main and len(loader) > 1  # the final test can take minutes on a CPU
+    for images, labels in tqdm(loader, desc="evaluating", leave=False, disable=not shown, dynamic_ncols=True):
         images, labels = images.to(device), labels.to(device)
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -630,7 +631,8 @@ def _pick_stage_precision(
             example = torch.randn(config.batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
         if config.channels_last:
             example = example.contiguous(memory_format=torch.channels_last)
-        choice = choose_stage_precision(trained, example.to(device), dtype)
+        task = f"{config.model} from part {trainable_from}{' on cached features' if config.cache_frozen else ''}"
+        choice = choose_stage_precision(trained, example.to(device), dtype, task=task)
         if context.enabled:  # every process computes as rank 0 does
             ours = [float(full and context.is_main) for full in choice]
             choice = [flag > 0 for flag in all_reduce_sum(ours, context, device)]
