@@ -8,7 +8,6 @@ multiply-adds).
 
 from __future__ import annotations
 
-import os
 import pickle
 import statistics
 import subprocess
@@ -125,10 +124,6 @@ def time_calls(fn: Callable[[], object], batch_size: int, warmup: int = 2, repea
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
     return Timing(seconds, batch_size)
-
-
-def cpu_threads() -> int:
-    return torch.get_num_threads() if torch.get_num_threads() else (os.cpu_count() or 1)
 
 
 def random_batch(model: nn.Module, batch_size: int, img_size: int | tuple[int, int]) -> torch.Tensor:
