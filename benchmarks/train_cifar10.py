@@ -89,7 +89,7 @@ def main() -> None:
         config = effnet.TrainConfig(
             pretrained=True,
             data_dir=args.data_dir,
-            quiet=True,
+            progress=False,
             max_minutes=args.minutes,
             val_at_minutes=marks,
             report=False,  # report.html evaluates the test set again: not part of what is measured

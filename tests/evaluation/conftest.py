@@ -33,7 +33,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         label_smoothing=0.0,
         workers=0,
         precision="fp32",
-        quiet=True,
+        progress=False,
         output=str(root / "run"),
         data_dir=str(root / "data"),
     )

@@ -35,7 +35,7 @@ def fast_options(tmp_path: Path) -> dict:
         "val_split": 0.25,
         "warmup_steps": 2,
         "workers": 0,
-        "quiet": True,
+        "progress": False,
         "report": False,
         "precision": "fp32",
         "output": str(tmp_path / "run"),

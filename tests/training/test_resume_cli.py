@@ -26,7 +26,7 @@ sys.path.insert(0, {here!r})
 from training_helpers import tiny_model
 from effnet.training import fit
 resume = {resume!r}
-options = dict(img_size=32, epochs=3, batch_size=4, val_split=0.25, warmup_steps=2, workers=0, quiet=True,
+options = dict(img_size=32, epochs=3, batch_size=4, val_split=0.25, warmup_steps=2, workers=0, progress=False,
                precision="fp32", deterministic=True, checkpoint_every=2, ema=True, mixup=0.2, report=False,
                data_dir={data_dir!r})
 options.update({extra!r})
@@ -105,7 +105,7 @@ def test_train_without_data_says_what_to_pass(capsys):
 def test_cli_trains_then_resumes_with_more_epochs(image_folder, tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO, logger="effnet")
     run = tmp_path / "run"
-    common = ["--workers", "0", "--quiet", "--precision", "fp32", "--no-report"]
+    common = ["--workers", "0", "--no-progress", "--precision", "fp32", "--no-report"]
     status = main(
         ["train", "--data", str(image_folder), "--model", "efficientnet_lite0", "--img-size", "32", "--epochs", "1",
          "--batch-size", "12", "--val-split", "0.25", "--output", str(run), "--data-dir", str(tmp_path / "d"), *common]
@@ -126,7 +126,7 @@ def test_torchrun_two_processes_gloo(image_folder, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "effnet", "train", "--data", str(image_folder), "--model", "efficientnet_lite0", "--img-size", "32",
         "--epochs", "1", "--batch-size", "6", "--val-split", "0.25", "--output", str(run), "--workers", "0",
-        "--quiet", "--precision", "fp32", "--data-dir", str(tmp_path / "d"),
+        "--no-progress", "--precision", "fp32", "--data-dir", str(tmp_path / "d"),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ONE_THREAD, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,12 +12,24 @@ import logging
 import sys
 
 # Modules of effnet.cli, one per group of subcommands. Add yours here.
-COMMAND_MODULES = ["models", "compare", "predict", "train", "evaluate", "search", "bench"]
+COMMAND_MODULES = ["models", "compare", "predict", "train", "evaluate", "search", "bench", "cache"]
 
 
 def workers_arg(value: str) -> int | str:
     """argparse type of every --workers option: 'auto' or a number of data-loader processes."""
     return value if value == "auto" else int(value)
+
+
+def _version() -> str:
+    """The installed distribution's version (what pip shows), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("effnet")
+    except PackageNotFoundError:
+        from effnet import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="EfficientNet models, transfer learning, evaluation, comparison and compound-scaling search.",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("--version", action="version", version=f"effnet {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"effnet.cli.{name}").register(subparsers)

@@ -17,6 +17,7 @@ from effnet.comparison.report import (
     write_report,
 )
 from effnet.comparison.zoo import CLASSIC_MODELS, PRETRAINED_MODES, resolve_models
+from effnet.paths import cache_dir, runs_dir
 
 log = logging.getLogger("effnet")
 
@@ -33,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--models", help="comma-separated names (ours or any torchvision classification model), or 'all'")
-    p.add_argument("--output", default="runs/compare", help="folder for compare.md, compare.csv and the plots")
+    p.add_argument(
+        "--output",
+        default=str(runs_dir("compare")),
+        help="folder for compare.md, compare.csv and the plots (default %(default)s)",
+    )
     p.add_argument(
         "--batch-size", type=int, help="batch for throughput and peak memory (default 16); with --finetune, training's"
     )
@@ -54,7 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     group.add_argument("--img-size", type=int, help="training resolution for every model (default: each model's own)")
     group.add_argument("--epochs", type=int, default=100, help="upper bound; the budget normally stops first")
-    group.add_argument("--data-dir", default="data", help="where named data sets and archives are unpacked")
+    group.add_argument(
+        "--data-dir",
+        default=str(cache_dir("data")),
+        help="where named data sets and archives are unpacked (default %(default)s)",
+    )
     group.add_argument("--workers", type=workers_arg, default="auto", help="data-loading processes")
     p.set_defaults(func=cmd_compare)
 
@@ -100,14 +109,14 @@ def finetune(args: argparse.Namespace, names: list[str]) -> int:
 
     if not args.budget_minutes or args.budget_minutes <= 0:
         raise ValueError("--finetune needs --budget-minutes M (> 0): every model gets the same wall-clock budget")
-    options = {"epochs": args.epochs, "data_dir": args.data_dir, "workers": args.workers, "quiet": args.quiet}
+    options = {"epochs": args.epochs, "data_dir": args.data_dir, "workers": args.workers, "progress": not args.quiet}
     options |= {key: value for key in ("img_size", "batch_size") if (value := getattr(args, key)) is not None}
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = finetune_models(names, args.finetune, args.output, args.budget_minutes, args.pretrained, **options)
     setup = (
         f"data {args.finetune}, {args.budget_minutes:g} min per model, fit's default recipe "
-        f"({', '.join(f'{k}={v}' for k, v in options.items() if k != 'quiet')}), pretrained={args.pretrained}, "
+        f"({', '.join(f'{k}={v}' for k, v in options.items() if k != 'progress')}), pretrained={args.pretrained}, "
         f"{torch.get_num_threads()} threads"
     )
     print(setup)

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="run folder, checkpoint or model name")
     p.add_argument("images", nargs="+", help="image files, folders or globs")
     p.add_argument("--compare", nargs="+", default=[], metavar="MODEL", help="more models, shown side by side")
-    p.add_argument("--output", default="cam.png", help="PNG file to write (default cam.png)")
+    p.add_argument("--output", help="PNG file (default: RUN_DIR/cam.png, <checkpoint>-cam.png, or in $EFFNET_RUNS/cam)")
     p.set_defaults(func=cmd_cam)
 
 
@@ -65,6 +65,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cam_output(trained) -> Path:
+    """Beside the run or checkpoint it explains; a model name has no folder of its own: the runs folder."""
+    from effnet.paths import runs_dir
+
+    source = Path(trained.source)
+    if trained.run_dir:
+        return trained.run_dir / "cam.png"
+    return source.with_name(f"{source.stem}-cam.png") if source.is_file() else runs_dir("cam", f"{source.name}.png")
+
+
 def cmd_cam(args: argparse.Namespace) -> int:
     from effnet.data import BadImageError, read_rgb
     from effnet.data.splits import hwc_to_chw
@@ -88,5 +98,6 @@ def cmd_cam(args: argparse.Namespace) -> int:
         print(f"effnet cam: cannot read {failure.path}: {failure.reason}", file=sys.stderr)
     if not images:
         raise ValueError("no readable image given")
-    print(f"wrote {save_figure(cam_figure(models, images, titles), args.output)}")
+    output = args.output or _cam_output(models[0])
+    print(f"wrote {save_figure(cam_figure(models, images, titles), output)}")
     return 1 if failures else 0

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from effnet.inference import BACKENDS
+from effnet.paths import runs_dir
 
 log = logging.getLogger("effnet")
 
@@ -28,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a model to ONNX or TorchScript, checked against PyTorch")
     p.add_argument("model", help="run folder, checkpoint (.pt) or model name")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
-    p.add_argument("--output", help="output file (default: beside the checkpoint, or <model name>.<format>)")
+    p.add_argument(
+        "--output", help=f"output file (default: beside the checkpoint; for a model name {runs_dir('export')})"
+    )
     p.add_argument("--img-size", type=int, help="resolution recorded in the metadata and traced (default: the model's)")
     p.set_defaults(func=cmd_export)
 
@@ -63,7 +66,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if trained.model is None:
         raise ValueError(f"{args.model} is already an exported ONNX file; export a run folder or checkpoint")
     source = Path(trained.source)
-    stem = (source / "best") if source.is_dir() else source.with_suffix("") if source.exists() else Path(source.name)
+    # A model name has no folder of its own: its export goes to the runs folder, not the current one.
+    stem = (source / "best") if source.is_dir() else source.with_suffix("") if source.exists() else None
+    stem = stem or runs_dir("export", source.name)
     output = Path(args.output) if args.output else stem.with_name(stem.name + FORMATS[args.format])
     path, sidecar, parity = export_model(
         trained.model, output, args.format, trained.class_names, args.img_size, extra={"source": trained.source}

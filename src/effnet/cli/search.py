@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from effnet.cli import workers_arg
+from effnet.paths import cache_dir, runs_dir
 from effnet.search import Proxy, SearchSettings, search
 from effnet.search.report import format_table
 
@@ -19,8 +20,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="digits, cifar10, an image folder or a .tar.gz/.zip archive")
     p.add_argument("--budget-minutes", type=float, required=True, help="wall-clock budget for the whole search")
-    p.add_argument("--output", type=Path, default=Path("search"), help="results folder; rerun to continue it")
-    p.add_argument("--data-dir", default="data", help="where named data sets are downloaded / archives unpacked")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=runs_dir("search"),
+        help="results folder; rerun to continue it (default %(default)s)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=str(cache_dir("data")),
+        help="where named data sets are downloaded / archives unpacked (default %(default)s)",
+    )
     g = p.add_argument_group("proxy network")
     g.add_argument("--base", default="efficientnet_b0", help="variant to shrink (efficientnet_b0, efficientnet_lite0)")
     g.add_argument("--width-mult", type=float, default=0.5, help="proxy width multiplier (default 0.5)")

@@ -1,18 +1,24 @@
 """`effnet train`: fine-tune an EfficientNet; a thin layer over `effnet.training.fit`.
 
 Every option maps to a TrainConfig field of the same name. Options default to "not given"
-(argparse.SUPPRESS) so that `--resume` keeps the run's saved settings and changes only those typed.
+(argparse.SUPPRESS) so that `--resume` keeps the run's saved settings, and `--config FILE` (a run's
+config.yaml, or `--print-config`'s output edited) the file's, and change only those typed: LightningCLI's
+`--config` and timm's `-c`.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
+from pathlib import Path
 
 from effnet.cli import workers_arg
 from effnet.training.config import BN_FREEZE, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
 DEFAULTS = TrainConfig()
+log = logging.getLogger("effnet")
 NO_DATA_HELP = """effnet train: say what to train on with --data, for example:
   effnet train --data digits --model efficientnet_lite0 --pretrained    (offline, a few minutes on a CPU)
   effnet train --data cifar10 --model efficientnet_lite0 --pretrained --max-minutes 45
@@ -42,7 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = p.add_argument_group("what to train")
     group.add_argument("--data", help="digits | cifar10 | cifar100 | flowers102 | FOLDER | ARCHIVE")
     group.add_argument("--model", help=f"a name from `effnet models` (default {d.model})")
-    group.add_argument("--pretrained", action="store_true", help="start from ImageNet weights")
+    group.add_argument(
+        "--pretrained",
+        nargs="?",
+        const=True,
+        metavar="PATH|TAG",
+        help="start from pretrained weights: alone, the model's registered ImageNet weights; or a weights file "
+        "(torchvision, timm, efficientnet_pytorch or effnet layout); or a weight tag (torchvision, timm, offline, "
+        "or timm's tag, e.g. aa_in1k) to pick one of the registered sources",
+    )
+    group.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random initial weights")
     group.add_argument("--data-dir", help=f"where data sets are downloaded or unpacked (default {d.data_dir})")
     group.add_argument("--val-split", type=float, help=f"validation fraction without a val folder ({d.val_split})")
     group.add_argument("--on-bad-image", choices=("fail", "skip"), help="unreadable images (default: fail, list all)")
@@ -150,11 +165,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms only")
 
     group = p.add_argument_group("run folder")
-    group.add_argument("--output", help="the run folder (default runs/<model>-<data>-<timestamp>)")
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        help="start from the settings in this YAML file (a run's config.yaml, or --print-config's output); the "
+        "options typed override it",
+    )
+    group.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the settings this command would train with as YAML (for --config) and exit",
+    )
+    group.add_argument(
+        "--output",
+        help="the run folder (default: $EFFNET_RUNS/<model>-<data>-<timestamp>, EFFNET_RUNS defaulting to "
+        "~/.local/share/effnet/runs)",
+    )
     group.add_argument("--resume", help="continue the run in this folder exactly where it stopped")
     group.add_argument("--seed", type=int, help=f"default {d.seed}")
     group.add_argument("--checkpoint-every", type=int, help="also save the resume state every N steps")
-    group.add_argument("--quiet", dest="no_progress", action="store_true", help="no progress bars (for log files)")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (for log files)")
     group.add_argument("--tensorboard", action="store_true", help="TensorBoard logs in RUN/tensorboard")
     group.add_argument("--report", action=argparse.BooleanOptionalAction, help="write report.html (default on)")
     p.set_defaults(func=cmd_train)
@@ -163,18 +193,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from effnet.training import fit  # imported here so `effnet --help` stays fast
 
-    # `quiet` is effnet's global -q (log level); train's own --quiet only hides progress bars.
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume", "quiet")}
-    if options.pop("no_progress", False):
-        options["quiet"] = True
+    # `quiet` is effnet's global -q (the log level); progress bars are train's own --no-progress.
+    skipped = ("func", "command", "resume", "quiet", "config", "print_config")
+    options = {k: v for k, v in vars(args).items() if k not in skipped}
     resume = getattr(args, "resume", None)
-    if not options.get("data") and not resume:
+    base = _file_config(getattr(args, "config", None), resume)
+    if getattr(args, "print_config", False):
+        return _print_config(base, resume, options)
+    if not options.get("data") and not resume and not (base and base.data):
         print(NO_DATA_HELP)
         return 2
     model, data = options.pop("model", None), options.pop("data", None)
-    result = fit(model, data, resume=resume, **options)
+    result = fit(model, data, base, resume=resume, **options)
     if result.results["test_acc"] is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only
         tta = result.results["test_acc_tta"]
         with_tta = f", {tta:.2%} with flip TTA" if tta is not None else ""
         print(f"test accuracy: {result.results['test_acc']:.2%}{with_tta}  (run folder: {result.run_dir})")
+    return 0
+
+
+def _file_config(path: str | None, resume: str | None) -> TrainConfig | None:
+    """The settings of `--config FILE`, or None. A run's config.yaml names that run's folder as its
+    output: a new run started from it gets a folder of its own instead of being refused."""
+    if path is None:
+        return None
+    if resume:
+        raise ValueError("--config and --resume: a resumed run keeps its own config.yaml; change settings with flags")
+    if not Path(path).is_file():
+        raise ValueError(f"--config {path}: no such file (write one with: effnet train --print-config > {path})")
+    config = TrainConfig.load(path)
+    if config.output and (Path(config.output) / "state.pt").exists():
+        log.info("%s names the run folder %s, which holds that run: this run gets its own folder", path, config.output)
+        config = config.replace(output=None)
+    return config
+
+
+def _print_config(base: TrainConfig | None, resume: str | None, options: dict) -> int:
+    """What `fit` would start from, as the YAML `--config` reads (validated, so bad values fail here)."""
+    import yaml
+
+    if resume:
+        base = TrainConfig.load(Path(resume) / "config.yaml")
+    config = (base or TrainConfig()).replace(**options)
+    sys.stdout.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
     return 0

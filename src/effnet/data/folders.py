@@ -19,6 +19,7 @@ loader workers.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from effnet import paths
 from effnet.data.images import BadImageError, check_image, is_image_file, read_rgb
 from effnet.data.splits import DataSplits, ImageSplit, check_policy, hwc_to_chw, stratified_split
 
@@ -82,6 +84,7 @@ def extract_archive(archive: str | Path, data_dir: str | Path) -> Path:
     target = Path(data_dir) / "extracted" / f"{name}-{_cache_key(archive.name, stat.st_size, stat.st_mtime_ns)}"
     if target.is_dir():
         logger.info("using %s, extracted earlier from %s", target, archive)
+        _forget_older_copies(target, archive)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -107,7 +110,30 @@ def extract_archive(archive: str | Path, data_dir: str | Path) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     logger.info("extracted %s to %s in %.1f s", archive, target, time.perf_counter() - started)
+    _forget_older_copies(target, archive)
     return target
+
+
+SOURCE_MARKER = ".effnet-source"  # in each extracted copy: the archive it came from
+
+
+def _forget_older_copies(target: Path, archive: Path) -> None:
+    """Record which archive `target` holds (in its hidden `.effnet-source`, which the folder scan
+    ignores) and delete the copies extracted from earlier versions of the same archive (another size
+    or mtime, so another key): without this every edit of an archive would leave a full extracted
+    copy behind. Copies of other archives that share the name, and copies made before the record
+    existed, are left alone."""
+    source = str(archive.resolve())
+    marker = target / SOURCE_MARKER
+    if not marker.is_file() or marker.read_text(errors="replace") != source:
+        marker.write_text(source)
+    stem = target.name.rsplit("-", 1)[0]  # "<name>" of "<name>-<key>"
+    for copy in target.parent.glob(f"{glob.escape(stem)}-*"):
+        recorded = copy / SOURCE_MARKER
+        if copy == target or not recorded.is_file() or recorded.read_text(errors="replace") != source:
+            continue
+        shutil.rmtree(copy, ignore_errors=True)
+        logger.info("removed %s, extracted from an earlier version of %s", copy, archive)
 
 
 def _extract_zip(archive: Path, destination: Path) -> None:
@@ -353,7 +379,7 @@ def report_bad_images(bad: list[tuple[str, str]], on_bad_image: str, source: str
 
 def load_image_folder(
     path: str | Path,
-    data_dir: str | Path = "data",
+    data_dir: str | Path | None = None,
     val_split: float = 0.1,
     seed: int = 0,
     on_bad_image: str = "fail",
@@ -368,6 +394,7 @@ def load_image_folder(
     """
     check_policy(on_bad_image)
     source = str(path)
+    data_dir = Path(data_dir) if data_dir is not None else paths.cache_dir("data")
     if is_archive(path):
         path = extract_archive(path, data_dir)
     root, folders = find_layout(Path(path).resolve())

@@ -23,6 +23,7 @@ import torch
 
 from effnet.data.folders import MAX_MEMORY_BYTES, carve, load_image_folder
 from effnet.data.splits import DataSplits, ImageSplit, check_policy
+from effnet.paths import cache_dir
 
 logger = logging.getLogger("effnet")
 
@@ -31,7 +32,7 @@ NAMED_DATASETS = ("digits", "cifar10", "cifar100", "flowers102")
 
 def load_data(
     spec: str | Path,
-    data_dir: str | Path = "data",
+    data_dir: str | Path | None = None,
     val_split: float = 0.1,
     seed: int = 0,
     on_bad_image: str = "fail",
@@ -45,8 +46,11 @@ def load_data(
     held out for test as well: 80/10/10 by default). Splits are a pure function of `seed`.
     `on_bad_image="fail"` raises one error listing every unusable file; "skip" leaves them out, logged once.
     `max_memory_bytes` bounds the decoded size of a folder held in memory (larger ones decode lazily).
+    `data_dir` (downloads, extracted archives, decoded images) defaults to effnet's cache folder,
+    `effnet.paths.cache_dir("data")`.
     """
     check_policy(on_bad_image)
+    data_dir = Path(data_dir) if data_dir is not None else cache_dir("data")
     if not 0 <= val_split < 0.5:
         raise ValueError(f"val_split must be in [0, 0.5), got {val_split}")
     name = str(spec).lower()

@@ -324,16 +324,30 @@ def fetch_state_dict(source: WeightSource) -> dict[str, torch.Tensor]:
     raise WeightsError(f"unknown weight source kind {source.kind!r}")
 
 
+def source_tags(source: WeightSource) -> tuple[str, ...]:
+    """The names that pick `source` on the command line (`--pretrained TAG`): its origin (torchvision,
+    timm, offline) and, for timm, the hub tag after the dot (timm's own `name.tag` convention)."""
+    if source.kind == "timm":
+        return ("timm", source.location.partition(".")[2])
+    return {"url": ("torchvision",), "package": ("offline",)}.get(source.kind, (source.kind,))
+
+
 def resolve_pretrained(name: str, pretrained: bool | str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
     """Find weights for `name`: a file path, or the registry's sources tried in order.
 
     Returns (state dict, format, metadata). Every failure is collected into one message naming
     each source tried and why it failed.
     """
-    if not isinstance(pretrained, bool):
-        state, meta = read_state_dict(pretrained)
-        return state, detect_format(state), meta
     sources = WEIGHT_REGISTRY.get(name)
+    if not isinstance(pretrained, bool):
+        tagged = [source for source in sources or [] if str(pretrained) in source_tags(source)]
+        if not tagged:
+            if not Path(pretrained).is_file() and sources:
+                tags = ", ".join(dict.fromkeys(tag for source in sources for tag in source_tags(source)))
+                raise WeightsError(f"{pretrained} is neither a weights file nor a weight tag of {name} (tags: {tags})")
+            state, meta = read_state_dict(pretrained)
+            return state, detect_format(state), meta
+        sources = tagged
     if not sources:
         have = ", ".join(sorted(WEIGHT_REGISTRY))
         raise WeightsError(

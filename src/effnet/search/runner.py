@@ -26,6 +26,7 @@ import torch
 
 from effnet.data import DataSplits, ImageSplit, load_data, stratified_split
 from effnet.models.efficientnet import EfficientNet
+from effnet.paths import cache_dir
 from effnet.profiling import time_calls
 from effnet.search.grid import PAPER_COEFFICIENTS, Coefficients, coefficient_grid, factor_within, spread_subset
 from effnet.search.proxy import Proxy, architecture_key, measure
@@ -70,7 +71,7 @@ class SearchSettings:
     augment: str = "light"
     precision: str = "fp32"  # bf16 autocast did not speed up CPU training here (docs/search.md)
     val_split: float = 0.1
-    data_dir: str = "data"
+    data_dir: str = field(default_factory=lambda: str(cache_dir("data")))  # downloads, extracted archives
     workers: int | str = "auto"
     threads: int | None = None  # None: every local core
     launcher: str | None = None  # e.g. "torchrun --nproc_per_node 4": each run in its own DDP job
@@ -499,7 +500,7 @@ def train_run(
         # shared machine is handled by dropping candidates, not by cutting runs short).
         max_minutes=max(RUN_GUARD_FACTOR * estimate / 60, 0.5),
         warmup_steps=min(50, max(1, plan["train_images"] // recipe["batch_size"] // 5)),
-        quiet=True,
+        progress=False,
         output=str(run_dir),
         # report.html evaluates the test split: minutes per run that a search cannot afford (it
         # scores on validation and writes its own report).

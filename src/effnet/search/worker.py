@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from effnet.paths import cache_dir
 from effnet.search.runner import PLAN_FILE, RunSpec, search_splits_from_plan, train_run
 
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", type=Path, help="the search folder (holds plan.json)")
     parser.add_argument("run", help="run key, e.g. candidate_a1.20_b1.10_g1.15_phi1")
     parser.add_argument("seed", type=int)
-    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--data-dir", default=str(cache_dir("data")))
     parser.add_argument("--workers", default="auto")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="effnet: %(message)s", stream=sys.stderr)

@@ -126,7 +126,7 @@ def build_feature_cache(
         *[TransformedDataset(train_split, transform, seed) for transform in fixed],
         *[_at_epoch(TransformedDataset(train_split, augmented, seed), view) for view in range(len(fixed), views)],
     ][:views]
-    show = not config.quiet
+    show = config.progress
     train = _cache(train_views, run_prefix, seed, workers, config.cache_shift, "training", show)
     val_views = [TransformedDataset(val_split, plain, seed)]
     val = _cache(val_views, run_prefix, seed, workers, 0, "validation", show) if val_split else None

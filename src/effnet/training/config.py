@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from effnet.paths import cache_dir
+
 FINETUNE_MODES = ("auto", "head", "full", "gradual")  # plus "last:N"
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 SCHEDULES = ("cosine", "plateau", "step")
@@ -24,8 +26,8 @@ class TrainConfig:
     # What to train on what.
     model: str = "efficientnet_lite0"
     data: str = ""
-    pretrained: bool = False
-    data_dir: str = "data"
+    pretrained: bool | str = False  # True: the registered ImageNet weights; a weights file or a weight tag
+    data_dir: str = field(default_factory=lambda: str(cache_dir("data")))  # downloads, extracted archives
     val_split: float = 0.1
     on_bad_image: str = "fail"
     img_size: int | None = None  # None: the model's own resolution (224 for B0 and Lite0)
@@ -87,7 +89,7 @@ class TrainConfig:
     seed: int = 0
     output: str | None = None  # the run folder; None: runs/<model>-<data>-<timestamp>
     checkpoint_every: int = 0  # also save the resume state every N optimizer steps (0: only per epoch)
-    quiet: bool = False
+    progress: bool = True  # progress bars (log verbosity is the logging level's business)
     tensorboard: bool = False
     report: bool = True  # report.html by effnet.evaluation at the end
 
@@ -150,7 +152,12 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
+        """A config.yaml written by a run (or by hand, e.g. from `effnet train --print-config`)."""
         data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a YAML mapping of training options (see effnet train --print-config)")
+        if "quiet" in data:  # runs written before `progress`: quiet only ever meant "no progress bars"
+            data["progress"] = not data.pop("quiet")
         return cls().replace(**data)
 
 

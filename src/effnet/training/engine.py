@@ -29,6 +29,7 @@ from effnet.data import DataSplits, TransformedDataset, build_transforms, load_d
 from effnet.models.checkpoint import config_from_dict, config_to_dict, load_model, save_model
 from effnet.models.efficientnet import EfficientNet
 from effnet.models.registry import create_model, get_config
+from effnet.paths import runs_dir
 from effnet.profiling import count_params
 from effnet.runtime import (
     autocast,
@@ -236,7 +237,7 @@ def _train(
             total=batches_per_epoch,
             initial=progress["batches_done"],
             desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=config.quiet or not context.is_main,
+            disable=not config.progress or not context.is_main,
             leave=False,
             dynamic_ncols=True,
         )
@@ -397,7 +398,7 @@ def evaluate(
     model.eval()
     sums = torch.zeros(7, dtype=torch.float64)  # count, then loss, top-1, top-5 single view and with TTA
     loader = make_loader(dataset, config.batch_size * 2, shuffle=False, seed=config.seed, num_workers=config.workers)
-    shown = not config.quiet and context.is_main and len(loader) > 1  # the final test can take minutes on a CPU
+    shown = config.progress and context.is_main and len(loader) > 1  # the final test can take minutes on a CPU
     for images, labels in tqdm(loader, desc="evaluating", leave=False, disable=not shown, dynamic_ncols=True):
         images, labels = images.to(device), labels.to(device)
         if config.channels_last:
@@ -454,7 +455,7 @@ def _resolve_config(
 def _default_run_dir(config: TrainConfig) -> Path:
     data_name = re.sub(r"(\.tar\.gz|\.tgz|\.tar|\.zip)$", "", Path(config.data.rstrip("/")).name) or "data"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.model}-{re.sub(r'[^A-Za-z0-9_.-]', '_', data_name)}-{stamp}"
+    return runs_dir(f"{config.model}-{re.sub(r'[^A-Za-z0-9_.-]', '_', data_name)}-{stamp}")
 
 
 def _load_splits(config: TrainConfig) -> DataSplits:
