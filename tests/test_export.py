@@ -13,7 +13,8 @@ import torch
 
 import effnet
 from effnet.cli import main
-from effnet.export import export_model, read_onnx_metadata
+from effnet.export import read_onnx_metadata
+from effnet.export.checked import export_model
 from effnet.inference import OnnxRuntimeEngine
 from effnet.models.checkpoint import save_model
 

@@ -14,6 +14,7 @@ from effnet.inference import Engine, create_engine
 from effnet.models import create_model, list_models
 from effnet.models.checkpoint import load_model
 from effnet.models.efficientnet import EfficientNet
+from effnet.models.keras import is_keras_file, read_keras, variant
 
 
 @dataclass
@@ -71,6 +72,8 @@ def load_trained(source: str | Path, device: str = "cpu") -> Trained:
         trained.source = str(path)
         return trained
     if path.is_file():
+        if is_keras_file(path):
+            return _from_keras(path, device)
         return _from_onnx(path) if path.suffix == ".onnx" else _from_checkpoint(path, device)
     if str(source) in list_models():
         model = create_model(str(source), pretrained=True).to(device).eval()
@@ -85,6 +88,18 @@ def _from_checkpoint(path: Path, device: str) -> Trained:
     model, meta = load_model(path, map_location=device)
     names = meta.get("class_names") or [str(index) for index in range(model.num_classes)]
     return Trained(str(path), model, list(names), meta["preprocess"], meta["model_name"], dict(meta.get("extra", {})))
+
+
+def _from_keras(path: Path, device: str) -> Trained:
+    """A Keras EfficientNet file: its variant and classes told by its weights, ImageNet labels for 1,000."""
+    state, meta = read_keras(path)
+    classes = meta["num_classes"]
+    if not classes:
+        raise ValueError(f"{path} has no classifier (include_top=False without a Dense head): nothing to predict")
+    size = {"img_size": meta["input_size"]} if meta["input_size"] else {}
+    model = create_model(variant(state), num_classes=classes, pretrained=path, **size).to(device).eval()
+    names = imagenet_class_names() if classes == 1000 else [str(index) for index in range(classes)]
+    return Trained(str(path), model, names, model.pretrained_cfg, model.config.name)
 
 
 def _from_onnx(path: Path) -> Trained:

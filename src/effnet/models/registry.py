@@ -142,6 +142,9 @@ def create_model(
     model.model_name = name
     if state is not None:
         load_weights(model, state, fmt)
+        if fmt == "keras":  # Keras normalises inside the model: its mean and std become our preprocessing
+            adopted = dataclasses.replace(model.config.preprocess, **meta["preprocess"])
+            model.config = dataclasses.replace(model.config, preprocess=adopted)
     return model
 
 

@@ -1,10 +1,10 @@
-"""Export a trained model to ONNX or TorchScript, with everything needed to use it elsewhere.
+"""ONNX and TorchScript files of a model, with everything needed to use them elsewhere.
 
 The preprocessing (resolution, crop, mean, std) and the class names travel with the model: in the
-ONNX file's `metadata_props` or TorchScript's extra files, and in a sidecar JSON beside either, so a
-deployed model cannot be fed differently prepared images by accident. Every export is checked
-against PyTorch (ONNX Runtime or the reloaded TorchScript module) on a batch of a size other than
-the one traced, which also proves the batch dimension is dynamic.
+ONNX file's `metadata_props` or TorchScript's extra files, so a deployed model cannot be fed
+differently prepared images by accident. This module only writes and reads files; it imports
+nothing from `effnet.inference`, which uses it to run a module on ONNX Runtime (the parity-checked
+exports that run the files live in `effnet.export.checked`, above inference).
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from effnet.inference import OnnxRuntimeEngine, check_parity
-
 log = logging.getLogger("effnet")
 # The ONNX optimiser logs every deduplicated constant at INFO; the CLI's INFO level is for our messages.
 logging.getLogger("onnx_ir").setLevel(logging.WARNING)
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 ONNX_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 METADATA_FILE = "effnet.json"  # TorchScript extra file with the metadata
@@ -43,18 +40,23 @@ def model_metadata(model: nn.Module, class_names: list[str] | None = None, **ext
     }
 
 
-def _example_input(img_size: int, batch: int, seed: int = 0) -> torch.Tensor:
+def example_input(img_size: int, batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError as error:
+        raise RuntimeError("ONNX export needs onnx and onnxscript: pip install 'effnet[export]'") from error
+    return onnx
 
 
 def export_onnx(
     model: nn.Module, path: str | Path, img_size: int | None = None, metadata: dict[str, Any] | None = None
 ) -> Path:
     """Write `model` as ONNX (opset 18, dynamic batch) with `metadata` as JSON-valued metadata_props."""
-    try:
-        import onnx
-    except ImportError as error:
-        raise RuntimeError("ONNX export needs onnx and onnxscript: pip install 'effnet[export]'") from error
+    _onnx()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = img_size or model.config.preprocess.input_size
@@ -62,7 +64,7 @@ def export_onnx(
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(
         model,
-        (_example_input(size, 2),),
+        (example_input(size, 2),),
         str(path),
         dynamo=True,
         opset_version=ONNX_OPSET,
@@ -73,41 +75,25 @@ def export_onnx(
         verbose=False,
     )
     if metadata:
-        proto = onnx.load(str(path))
-        for key, value in metadata.items():
-            proto.metadata_props.add(key=key, value=json.dumps(value))
-        onnx.save(proto, str(path))
+        write_onnx_metadata(path, metadata)
     return path
 
 
-def export_torchscript(
-    model: nn.Module, path: str | Path, img_size: int | None = None, metadata: dict[str, Any] | None = None
-) -> Path:
-    """Trace `model` to TorchScript; the metadata goes in the archive as extra file effnet.json."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    size = img_size or model.config.preprocess.input_size
-    with _quiet_torchscript():
-        traced = torch.jit.trace(model.cpu().eval(), _example_input(size, 2))
-        torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata or {})})
-    return path
-
-
-@contextlib.contextmanager
-def _quiet_torchscript():
-    """TorchScript still loads in every PyTorch and in C++ (libtorch), which is why users ask for it;
-    its deprecation notices and the tracer's warning about the model's (constant) input-shape check
-    are noise for them."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
-        yield
+def write_onnx_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
+    """Store `metadata` (JSON-valued) in the ONNX file's metadata_props, replacing keys already there."""
+    onnx = _onnx()
+    proto = onnx.load(str(path))
+    kept = [prop for prop in proto.metadata_props if prop.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=json.dumps(value))
+    onnx.save(proto, str(path))
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata `export_onnx` stored, decoded (empty for foreign ONNX files)."""
-    import onnx
-
+    onnx = _onnx()
     proto = onnx.load(str(path), load_external_data=False)
     decoded = {}
     for prop in proto.metadata_props:
@@ -118,31 +104,25 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     return decoded
 
 
-def export_model(
-    model: nn.Module,
-    output: str | Path,
-    fmt: str = "onnx",
-    class_names: list[str] | None = None,
-    img_size: int | None = None,
-    extra: dict[str, Any] | None = None,
-) -> tuple[Path, Path, dict[str, float]]:
-    """Export, write the sidecar JSON and check parity. Returns (model file, sidecar, parity)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+def export_torchscript(
+    model: nn.Module, path: str | Path, img_size: int | None = None, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Trace `model` to TorchScript; the metadata goes in the archive as extra file effnet.json."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     size = img_size or model.config.preprocess.input_size
-    metadata = model_metadata(model, class_names, **(extra or {}))
-    metadata["preprocess"]["input_size"] = size
-    output = Path(output)
-    if fmt == "onnx":
-        export_onnx(model, output, size, metadata)
-        run = OnnxRuntimeEngine(output)
-    else:
-        export_torchscript(model, output, size, metadata)
-        with _quiet_torchscript():
-            run = torch.jit.load(str(output)).eval()
-    images = _example_input(size, 3, seed=1)
-    with torch.inference_mode():
-        parity = check_parity(model, run(images), images, fmt)
-    sidecar = output.with_name(output.name + ".json")
-    sidecar.write_text(json.dumps(metadata, indent=2) + "\n")
-    return output, sidecar, parity
+    with quiet_torchscript():
+        traced = torch.jit.trace(model.cpu().eval(), example_input(size, 2))
+        torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata or {})})
+    return path
+
+
+@contextlib.contextmanager
+def quiet_torchscript():
+    """TorchScript still loads in every PyTorch and in C++ (libtorch), which is why users ask for it;
+    its deprecation notices and the tracer's warning about the model's (constant) input-shape check
+    are noise for them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        yield
