@@ -59,7 +59,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from effnet.export import FORMATS, export_model
+    from effnet.export.checked import FORMATS, export_model
     from effnet.trained import load_trained
 
     trained = load_trained(args.model)

@@ -14,6 +14,7 @@ mapping is one explicit table of module prefixes per format, built from the mode
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import re
 from collections.abc import Iterator, Mapping
@@ -25,12 +26,14 @@ import torch
 from torch import nn
 
 from effnet.models.efficientnet import EfficientNet
+from effnet.models.keras import KerasFileError, is_keras_file, read_keras
 from effnet.models.layers import MBConv
 
 log = logging.getLogger("effnet")
 
-FORMATS = ("effnet", "torchvision", "timm", "efficientnet_pytorch")
+FORMATS = ("effnet", "torchvision", "timm", "efficientnet_pytorch", "keras")
 CLASSIFIER_PREFIX = "classifier"
+SAFETENSORS_FILE, SAFETENSORS_CONFIG = "model.safetensors", "config.json"  # a Hub-style folder
 
 
 class WeightsError(RuntimeError):
@@ -52,6 +55,8 @@ def detect_format(state_dict: Mapping[str, Any]) -> str:
         return "efficientnet_pytorch"
     if "conv_stem.weight" in keys:
         return "timm"
+    if "stem_conv.weight" in keys:  # a Keras file, already in PyTorch layout (models/keras.py)
+        return "keras"
     sample = ", ".join(sorted(keys)[:5])
     raise WeightsError(
         "cannot tell which EfficientNet implementation these weights come from "
@@ -64,7 +69,7 @@ def detect_format(state_dict: Mapping[str, Any]) -> str:
 def source_conventions(fmt: str, model_name: str) -> dict[str, Any]:
     """Architecture settings a format's weights were trained with, which the model must adopt
     for the weights to give the same outputs (BN eps and momentum, TF 'same' padding)."""
-    if fmt == "efficientnet_pytorch":  # TensorFlow ports: TF padding, TF batch-norm constants
+    if fmt in ("efficientnet_pytorch", "keras"):  # TensorFlow ports: TF padding, TF batch-norm constants
         return {"padding": "same", "bn_eps": 1e-3, "bn_momentum": 0.01}
     if fmt == "torchvision" and re.fullmatch(r"efficientnet_b[5-7]", model_name):
         return {"bn_eps": 1e-3, "bn_momentum": 0.01}  # torchvision's B5-B7 are TF-trained ports
@@ -143,9 +148,41 @@ def _module_map(model: EfficientNet, fmt: str) -> dict[str, str]:
             if block.se is not None:
                 table |= {f"{ours}.se.reduce": f"{theirs}._se_reduce", f"{ours}.se.expand": f"{theirs}._se_expand"}
             table |= {f"{ours}.project.conv": f"{theirs}._project_conv", f"{ours}.project.bn": f"{theirs}._bn2"}
+    elif fmt == "keras":
+        table |= _keras_module_map(model)
     else:
         raise WeightsError(f"unknown weights format {fmt!r}; expected one of {FORMATS}")
     return table
+
+
+def _keras_module_map(model: EfficientNet) -> dict[str, str]:
+    """Keras names layers `block<stage + 1><letter of the block>_<layer>` (block2a_expand_conv) and
+    calls the depthwise BN plain `bn`; its classifier is `predictions` (models/keras.py files a
+    fine-tuned head under that name too)."""
+    table = {"stem.conv": "stem_conv", "stem.bn": "stem_bn", "head.conv": "top_conv", "head.bn": "top_bn"}
+    table |= {"classifier": "predictions"}
+    for s, b, _, block in _blocks(model):
+        theirs, ours = f"block{s + 1}{chr(ord('a') + b)}_", f"stages.{s}.{b}"
+        if block.expand is not None:
+            table |= {f"{ours}.expand.conv": f"{theirs}expand_conv", f"{ours}.expand.bn": f"{theirs}expand_bn"}
+        table |= {f"{ours}.depthwise.conv": f"{theirs}dwconv", f"{ours}.depthwise.bn": f"{theirs}bn"}
+        if block.se is not None:
+            table |= {f"{ours}.se.reduce": f"{theirs}se_reduce", f"{ours}.se.expand": f"{theirs}se_expand"}
+        table |= {f"{ours}.project.conv": f"{theirs}project_conv", f"{ours}.project.bn": f"{theirs}project_bn"}
+    return table
+
+
+def export_state_dict(model: EfficientNet, fmt: str) -> dict[str, torch.Tensor]:
+    """Our state dict renamed to `fmt`'s layout: the import table read the other way, so the two
+    directions cannot drift apart. Tensors are detached CPU copies."""
+    if fmt == "keras":
+        raise WeightsError("writing Keras files is not supported; export to safetensors, timm or torchvision")
+    prefixes = _module_map(model, fmt)
+    exported = {}
+    for key, value in model.state_dict().items():
+        prefix, _, suffix = key.rpartition(".")
+        exported[f"{prefixes.get(prefix, prefix)}.{suffix}"] = value.detach().cpu().clone()
+    return exported
 
 
 def _has_state(module: nn.Module) -> bool:
@@ -202,6 +239,7 @@ def _is_classifier_key(key: str, prefixes: Mapping[str, str]) -> bool:
 def classifier_shape(state_dict: Mapping[str, torch.Tensor], fmt: str) -> tuple[int, ...] | None:
     """Shape of the weights' classifier matrix (e.g. (1000, 1280)), if they have one."""
     name = {"effnet": "classifier", "torchvision": "classifier.1", "timm": "classifier", "efficientnet_pytorch": "_fc"}
+    name["keras"] = "predictions"
     weight = state_dict.get(f"{name[fmt]}.weight")
     return tuple(weight.shape) if weight is not None else None
 
@@ -217,8 +255,17 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     class names). A training checkpoint's `model` or `state_dict` entry is unwrapped.
     """
     path = Path(path)
+    if path.is_dir() and (path / SAFETENSORS_FILE).is_file():
+        path = path / SAFETENSORS_FILE
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
+    if is_keras_file(path):
+        try:
+            return read_keras(path)
+        except KerasFileError as error:
+            raise WeightsError(str(error)) from error
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickles with code, truncated files, not a torch file at all
@@ -236,6 +283,27 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors")
     return obj, meta
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A safetensors file (no code can run from it) and, from the config.json beside it (what
+    `effnet export --format safetensors` writes), the metadata our checkpoints carry."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as error:
+        raise WeightsError("reading .safetensors files needs safetensors: pip install safetensors") from error
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # truncated or not a safetensors file
+        raise WeightsError(f"cannot read {path} as a safetensors file ({type(error).__name__}: {error})") from error
+    config = path.with_name(SAFETENSORS_CONFIG)
+    meta: dict[str, Any] = {}
+    if config.is_file():
+        try:
+            meta = json.loads(config.read_text())
+        except ValueError as error:
+            raise WeightsError(f"{config} is not valid JSON ({error}); re-export the model") from error
+    return state, meta
 
 
 @dataclass(frozen=True)
