@@ -70,3 +70,61 @@ def test_export_cli_lite0_onnx_and_torchscript(tmp_path: Path, capsys) -> None:
     images = torch.randn(3, 3, 96, 96)
     with torch.no_grad():
         assert torch.allclose(loaded(images), model.eval()(images), atol=1e-5)
+
+
+def test_safetensors_round_trip_and_create_model(tmp_path: Path) -> None:
+    from effnet.export.neighbours import export_safetensors, load_safetensors
+
+    model = b0_with_real_statistics()
+    folder, parity = export_safetensors(model, tmp_path / "hub", CLASSES)
+    assert parity["max_abs_diff"] <= 1e-4
+    config = json.loads((folder / "config.json").read_text())
+    assert config["class_names"] == CLASSES and config["preprocess"]["input_size"] == 64
+    assert config["config"]["stem_channels"] == 32  # the architecture itself, not only its name
+    images = torch.randn(2, 3, 64, 64)
+    expected = model(images).detach()
+    reloaded, meta = load_safetensors(folder)
+    assert meta["class_names"] == CLASSES and reloaded.pretrained_cfg["input_size"] == 64
+    assert (reloaded(images).detach() - expected).abs().max() <= 1e-4
+    again = effnet.create_model("efficientnet_b0", num_classes=4, pretrained=folder / "model.safetensors")
+    assert (again.eval()(images).detach() - expected).abs().max() <= 1e-4
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(effnet.models.weights.WeightsError, match="cannot read"):
+        effnet.create_model("efficientnet_b0", pretrained=tmp_path / "bad" / "model.safetensors")
+
+
+@pytest.mark.parametrize("fmt", ["timm", "torchvision"])
+def test_timm_and_torchvision_load_our_export_strictly(tmp_path: Path, fmt: str) -> None:
+    from effnet.export.neighbours import export_neighbour
+
+    model = b0_with_real_statistics()
+    path, sidecar, parity = export_neighbour(model, tmp_path / f"b0.{fmt}.pth", fmt, CLASSES)
+    assert parity["max_abs_diff"] <= 1e-4 and json.loads(sidecar.read_text())["architecture"] == "efficientnet_b0"
+    if fmt == "timm":
+        import timm
+
+        theirs = timm.create_model("efficientnet_b0", num_classes=4)
+    else:
+        import torchvision
+
+        theirs = torchvision.models.efficientnet_b0(num_classes=4)
+    theirs.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        diff = (theirs.eval()(images) - model(images)).abs().max()
+    assert diff <= 1e-4 and model(images).detach().std() > 1e-2
+
+
+def test_tf_weights_go_to_timms_tf_twin_and_not_to_torchvision(tmp_path: Path, capsys) -> None:
+    """Lite0 from the offline package carries TF padding and BN eps: timm's tf_efficientnet_lite0 is
+    the same network, torchvision has none (the CLI says so, one line)."""
+    checkpoint = tmp_path / "lite0.pt"
+    save_model(checkpoint, effnet.create_model("efficientnet_lite0", pretrained=True, num_classes=3, img_size=96))
+    assert main(["export", str(checkpoint), "--format", "timm"]) == 0
+    out = capsys.readouterr().out
+    assert "tf_efficientnet_lite0" in out and float(out.split("max abs diff ")[1].split(" ")[0]) <= 1e-4
+    assert main(["export", str(checkpoint), "--format", "safetensors"]) == 0
+    assert (tmp_path / "lite0-safetensors" / "model.safetensors").is_file()
+    assert main(["export", str(checkpoint), "--format", "torchvision"]) == 1
+    assert "torchvision has no model for efficientnet_lite0" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -11,6 +12,9 @@ from effnet.inference import BACKENDS
 from effnet.paths import runs_dir
 
 log = logging.getLogger("effnet")
+
+EXPORT_FORMATS = ("onnx", "torchscript", "safetensors", "timm", "torchvision")
+NEIGHBOUR_SUFFIXES = {"safetensors": "-safetensors", "timm": ".timm.pth", "torchvision": ".torchvision.pth"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,9 +30,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV")
     p.set_defaults(func=cmd_predict)
 
-    p = subparsers.add_parser("export", help="export a model to ONNX or TorchScript, checked against PyTorch")
-    p.add_argument("model", help="run folder, checkpoint (.pt) or model name")
-    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p = subparsers.add_parser(
+        "export", help="export to ONNX (optionally int8), TorchScript, safetensors, timm or torchvision, checked"
+    )
+    p.add_argument("model", help="run folder, checkpoint (.pt), Keras file or model name")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
+                   help="onnx | torchscript | safetensors (a folder: model.safetensors + config.json) | timm | "
+                   "torchvision (state dicts their create_model/efficientnet_bN load with strict=True)")  # fmt: skip
+    p.add_argument("--int8", action="store_true", help="ONNX with int8 convolutions, calibrated on the run's "
+                   "training images; prints and stores top-1, agreement, size and img/s against fp32")  # fmt: skip
+    p.add_argument("--calibration", type=int, default=512, metavar="N", help="calibration images for --int8 (512)")
+    p.add_argument("--data-dir", help="for --int8: where the run's data set is (default: the run's data_dir)")
     p.add_argument(
         "--output", help=f"output file (default: beside the checkpoint; for a model name {runs_dir('export')})"
     )
@@ -62,6 +74,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from effnet.export.checked import FORMATS, export_model
     from effnet.trained import load_trained
 
+    if args.int8 and args.format != "onnx":
+        raise ValueError(f"--int8 writes ONNX; drop --format {args.format} or --int8")
     trained = load_trained(args.model)
     if trained.model is None:
         raise ValueError(f"{args.model} is already an exported ONNX file; export a run folder or checkpoint")
@@ -69,7 +83,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     # A model name has no folder of its own: its export goes to the runs folder, not the current one.
     stem = (source / "best") if source.is_dir() else source.with_suffix("") if source.exists() else None
     stem = stem or runs_dir("export", source.name)
-    output = Path(args.output) if args.output else stem.with_name(stem.name + FORMATS[args.format])
+    suffix = ".int8.onnx" if args.int8 else {**FORMATS, **NEIGHBOUR_SUFFIXES}[args.format]
+    output = Path(args.output) if args.output else stem.with_name(stem.name + suffix)
+    if args.int8:
+        return _export_int8(trained, output, args)
+    if args.format in NEIGHBOUR_SUFFIXES:
+        return _export_neighbour(trained, output, args.format)
     path, sidecar, parity = export_model(
         trained.model, output, args.format, trained.class_names, args.img_size, extra={"source": trained.source}
     )
@@ -79,3 +98,35 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"top-1 agreement {100 * parity['top1_agreement']:.0f}%"
     )
     return 0 if parity["max_abs_diff"] <= 1e-4 else 1
+
+
+
+def _export_int8(trained, output: Path, args: argparse.Namespace) -> int:
+    from effnet.evaluation.evaluate import load_run_data
+    from effnet.export.int8 import export_int8
+
+    splits = load_run_data(trained, data_dir=args.data_dir)
+    path, report = export_int8(
+        trained.model, output, splits, trained.class_names, args.calibration, args.img_size, {"source": trained.source}
+    )
+    print(f"wrote {path} ({report.int8_bytes / 1e6:.2f} MB) and {path}.json; fp32 for comparison: {report.fp32_file}")
+    print(f"int8 vs fp32 on the {report.summary()}")
+    return 0
+
+
+def _export_neighbour(trained, output: Path, fmt: str) -> int:
+    from effnet.export.neighbours import export_neighbour, export_safetensors
+
+    extra = {"source": trained.source}
+    if fmt == "safetensors":
+        path, parity = export_safetensors(trained.model, output, trained.class_names, extra)
+        print(f"wrote {path}/model.safetensors and {path}/config.json")
+    else:
+        path, sidecar, parity = export_neighbour(trained.model, output, fmt, trained.class_names, extra)
+        print(f"wrote {path} and {sidecar}: {json.loads(sidecar.read_text())['load']}")
+    if not parity:
+        print(f"{fmt} is not installed here: the file was not loaded back to check it")
+        return 0
+    print(f"reloaded in {fmt}: max abs diff {parity['max_abs_diff']:.2e} on {parity['batch']} images, top-1 agreement "
+          f"{100 * parity['top1_agreement']:.0f}%")  # fmt: skip
+    return 0 if parity["max_abs_diff"] <= parity["allowed_diff"] else 1
