@@ -13,6 +13,7 @@ builds, and `inference.create_engine(backend="auto")`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from effnet import runtime
 from effnet.models import create_model
 from effnet.profiling import Timing, peak_memory_bytes, reset_peak_memory, run_isolated, time_calls
 
+log = logging.getLogger("effnet")
 PEERS = ("timm", "torchvision")
 MODES = ("infer", "train")
 
@@ -176,6 +178,7 @@ def peer_calls(
             lambda setting, peer=peer: make(build_peer(peer, variant), batch_size, img_size, setting),
             settings,
             batch_size,
+            peer,
         )
         calls |= {f"{peer} {label}": call for label, call in kept.items()}
         pilots |= {f"{peer} {label}": speed for label, speed in pilot.items()}
@@ -183,16 +186,17 @@ def peer_calls(
 
 
 def screen_settings(
-    make: Callable[[Setting], Callable[[], object]], settings, batch_size: int
+    make: Callable[[Setting], Callable[[], object]], settings, batch_size: int, name: str = "ours"
 ) -> tuple[dict[str, Callable[[], object]], dict[str, float]]:
-    """A pilot of each setting (one warm-up call, one timed call); returns the calls of the settings
-    within SCREEN_FACTOR of the fastest pilot, and every pilot's images/s."""
+    """A pilot of each setting (one warm-up call, one timed call), each logged as it ends; returns
+    the calls of the settings within SCREEN_FACTOR of the fastest pilot, and every pilot's images/s."""
     calls, pilots = {}, {}
     for setting in settings:
         call = make(setting)
         call()
         pilots[setting.label] = time_calls(call, batch_size, warmup=0, repeats=1).images_per_second
         calls[setting.label] = call
+        log.info("pilot %s %s: %.1f img/s", name, setting.label, pilots[setting.label])
     fastest = max(pilots.values())
     return {label: call for label, call in calls.items() if pilots[label] * SCREEN_FACTOR >= fastest}, pilots
 

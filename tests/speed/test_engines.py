@@ -4,6 +4,7 @@ channels-last) to fp32 rounding, OpenVINO (bf16 where the CPU has it) to bf16 ro
 from __future__ import annotations
 
 import time
+import warnings
 
 import pytest
 import torch
@@ -91,7 +92,12 @@ def test_inference_candidates_follow_native_bf16(monkeypatch) -> None:
 def test_openvino_engine_matches_the_model_and_reports_parity(model_and_images) -> None:
     pytest.importorskip("openvino")
     model, images = model_and_images
-    engine = create_engine(model, backend="openvino", img_size=64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = create_engine(model, backend="openvino", img_size=64)
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], [
+        str(w.message) for w in caught
+    ]  # the conversion prints none of torch.jit's deprecation notices
     logits = engine(images)
     with torch.no_grad():
         expected = model(images)

@@ -49,7 +49,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         call = benchmark.ours_training(ours, batch, size)
         ours_label = f"ours ({benchmark.precision_label(ours)}, the `effnet train` default)"
-    log.info("pilot of every peer setting (one call each) ...")
+    log.info(
+        "pilot of every peer setting (one warm-up and one timed call each), then %d alternating rounds", args.rounds
+    )
     calls, pilots = benchmark.peer_calls(peers, args.model, args.mode, batch, size)
     calls = {"ours": call} | calls
     timings = benchmark.time_alternating(calls, batch, args.rounds, args.warmup)
