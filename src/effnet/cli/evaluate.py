@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="metrics, confusion matrices, calibration, top losses -> eval.json + PNGs")
     p.add_argument("model", help="run folder (its best.pt and data), checkpoint (.pt) or exported .onnx file")
     p.add_argument("--data", help="data set name, folder or archive (default: the run's own data)")
-    p.add_argument("--data-dir", help="where data sets are downloaded/extracted (default: the run's, or ./data)")
+    p.add_argument("--data-dir", help="where data sets are downloaded/extracted (default: the run's, else the cache)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="test falls back to val if absent")
     p.add_argument("--output", help="output folder (default: RUN_DIR/eval, or <checkpoint>-eval)")
     p.add_argument("--img-size", type=int, help="evaluate at another resolution (default: the model's)")

@@ -84,7 +84,7 @@ def load_run_data(trained: Trained, spec: str | None = None, data_dir: str | Non
     config = trained.run_config
     return load_data(
         spec,
-        data_dir=data_dir or config.get("data_dir", "data"),
+        data_dir=data_dir or config.get("data_dir"),  # None: the cache folder (effnet.paths)
         val_split=config.get("val_split", 0.1),
         seed=config.get("seed", trained.extra.get("seed", 0)),
         on_bad_image=config.get("on_bad_image", "fail"),
