@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action="store_true", help="ONNX with int8 convolutions, calibrated on the run's "
                    "training images; prints and stores top-1, agreement, size and img/s against fp32")  # fmt: skip
     p.add_argument("--calibration", type=int, default=512, metavar="N", help="calibration images for --int8 (512)")
-    p.add_argument("--data-dir", help="for --int8: where the run's data set is (default: the run's data_dir)")
+    p.add_argument("--data", help="for --int8: data set to calibrate on and measure with (default: the run's)")
+    p.add_argument("--data-dir", help="for --int8: where the data set is (default: the run's data_dir)")
     p.add_argument(
         "--output", help=f"output file (default: beside the checkpoint; for a model name {runs_dir('export')})"
     )
@@ -105,7 +106,7 @@ def _export_int8(trained, output: Path, args: argparse.Namespace) -> int:
     from effnet.evaluation.evaluate import load_run_data
     from effnet.export.int8 import export_int8
 
-    splits = load_run_data(trained, data_dir=args.data_dir)
+    splits = load_run_data(trained, args.data, args.data_dir)
     path, report = export_int8(
         trained.model, output, splits, trained.class_names, args.calibration, args.img_size, {"source": trained.source}
     )
