@@ -92,11 +92,31 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     unknown = set(overrides) - _CONFIG_FIELDS - {"img_size"}
     if unknown:
         raise ValueError(f"unknown model options {sorted(unknown)}; valid ones: {sorted(_CONFIG_FIELDS)}")
-    if "img_size" in overrides:
-        overrides["preprocess"] = dataclasses.replace(config.preprocess, input_size=int(overrides.pop("img_size")))
-    if isinstance(overrides.get("preprocess"), dict):
-        overrides["preprocess"] = PreprocessConfig(**overrides["preprocess"])
+    if isinstance(overrides.get("preprocess"), dict):  # all or some fields, e.g. from a JSON file
+        overrides["preprocess"] = _preprocess_from(config.preprocess, overrides["preprocess"])
+    if "img_size" in overrides:  # on top of the weights' preprocessing, whose other fields stay
+        base = overrides.get("preprocess", config.preprocess)
+        overrides["preprocess"] = dataclasses.replace(base, input_size=int(overrides.pop("img_size")))
     return dataclasses.replace(config, **overrides)
+
+
+def _preprocess_from(base: PreprocessConfig, fields: dict[str, Any]) -> PreprocessConfig:
+    """`base` with `fields` replaced; JSON and YAML give lists where the dataclass keeps tuples."""
+    known = {f.name for f in dataclasses.fields(PreprocessConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in known}
+    return dataclasses.replace(base, **values)
+
+
+def weights_preprocess(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The preprocessing the loaded weights were trained with, where they say: a registered source's
+    (weights.WEIGHT_REGISTRY), one of our checkpoints' (config.preprocess), an exported folder's
+    config.json, or the mean and std a Keras file normalises with. None for bare foreign files."""
+    if isinstance(meta.get("preprocess"), dict):
+        return meta["preprocess"]
+    saved = meta.get("config")
+    if isinstance(saved, dict) and isinstance(saved.get("preprocess"), dict):
+        return saved["preprocess"]
+    return None
 
 
 def create_model(
@@ -133,6 +153,9 @@ def create_model(
         if conventions:
             log.info("weights in %s format: using %s to match them", fmt, conventions)
         overrides = {**conventions, **overrides}
+        adopted = weights_preprocess(meta)
+        if adopted is not None and "preprocess" not in overrides:
+            overrides["preprocess"] = dict(adopted)  # model.pretrained_cfg: that of the weights loaded
     if drop_rate is not None:
         overrides["drop_rate"] = drop_rate
     if drop_path_rate is not None:
@@ -142,9 +165,6 @@ def create_model(
     model.model_name = name
     if state is not None:
         load_weights(model, state, fmt)
-        if fmt == "keras":  # Keras normalises inside the model: its mean and std become our preprocessing
-            adopted = dataclasses.replace(model.config.preprocess, **meta["preprocess"])
-            model.config = dataclasses.replace(model.config, preprocess=adopted)
     return model
 
 

