@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from effnet import paths
+from effnet.data.archives import ArchiveLimits, extract_tar, extract_zip, verify_tree
 from effnet.data.images import BadImageError, check_image, is_image_file, read_rgb
 from effnet.data.splits import DataSplits, ImageSplit, check_policy, hwc_to_chw, stratified_split
 
@@ -67,12 +68,13 @@ def _cache_key(*parts: object) -> str:
 # ----------------------------------------------------------------------------------------------- archives
 
 
-def extract_archive(archive: str | Path, data_dir: str | Path) -> Path:
+def extract_archive(archive: str | Path, data_dir: str | Path, limits: ArchiveLimits | None = None) -> Path:
     """Extract `archive` once under `data_dir/extracted/` and return the folder; reuse it next time.
 
     Extraction goes to a temporary folder renamed into place at the end, so an interrupted
-    extraction is never mistaken for a complete one. Members that would land outside the folder
-    (absolute paths, `..`, links pointing out) are refused.
+    extraction is never mistaken for a complete one. Every member is checked before anything is
+    written and the tree again after (effnet.data.archives); `limits` (default: ArchiveLimits.from_env())
+    bound the member count, size and compression ratio.
     """
     archive = Path(archive)
     stat = archive.stat()
@@ -90,14 +92,12 @@ def extract_archive(archive: str | Path, data_dir: str | Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     started = time.perf_counter()
     try:
+        limits = limits or ArchiveLimits.from_env()
         if archive.name.lower().endswith(".zip"):
-            _extract_zip(archive, staging)
+            extract_zip(archive, staging, limits)
         else:
-            try:
-                with tarfile.open(archive) as tar:
-                    tar.extractall(staging, filter="data")
-            except tarfile.FilterError as error:
-                raise ValueError(f"{archive}: unsafe archive member refused ({error})") from None
+            extract_tar(archive, staging, limits)
+        verify_tree(archive, staging)
         try:
             os.replace(staging, target)
         except OSError:
@@ -136,16 +136,6 @@ def _forget_older_copies(target: Path, archive: Path) -> None:
         logger.info("removed %s, extracted from an earlier version of %s", copy, archive)
 
 
-def _extract_zip(archive: Path, destination: Path) -> None:
-    root = destination.resolve()
-    with zipfile.ZipFile(archive) as zipped:
-        for member in zipped.infolist():
-            path = (root / member.filename).resolve()
-            if member.filename.startswith(("/", "\\")) or not path.is_relative_to(root):
-                raise ValueError(f"{archive}: unsafe archive member {member.filename!r} would be written outside")
-        zipped.extractall(root)
-
-
 # ----------------------------------------------------------------------------------------------- layout
 
 
@@ -171,18 +161,50 @@ def _class_folders(folder: Path) -> list[Path]:
     return classes
 
 
-def _image_files(folder: Path) -> tuple[list[str], list[str]]:
-    """Image files below `folder` (recursively, sorted) and the other files that were ignored."""
-    images, ignored = [], []
-    for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            path = os.path.join(parent, name)
-            (images if is_image_file(name) else ignored).append(path)
-    return images, ignored
+class _Scan:
+    """One walk over a data folder: each directory and file is seen once (by device and inode), so a
+    link loop or a link to a parent neither hangs the scan nor duplicates images across splits; a link
+    that leaves the data folder is refused."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.seen: set[tuple[int, int]] = set()
+        self.skipped: list[str] = []
+
+    def first_visit(self, path: str) -> bool:
+        if os.path.islink(path) and not Path(os.path.realpath(path)).is_relative_to(self.root):
+            raise ValueError(
+                f"{path} is a link to {os.path.realpath(path)}, outside the data folder {self.root}; "
+                "copy the files into the folder or point --data at the folder they are in"
+            )
+        info = os.stat(path)
+        key = (info.st_dev, info.st_ino)
+        if key in self.seen:
+            self.skipped.append(path)
+            return False
+        self.seen.add(key)
+        return True
+
+    def image_files(self, folder: Path) -> tuple[list[str], list[str]]:
+        """Image files below `folder` (recursively, sorted) and the other files that were ignored."""
+        images, ignored, pending = [], [], [str(folder)] if self.first_visit(str(folder)) else []
+        while pending:
+            parent = pending.pop()
+            with os.scandir(parent) as entries:
+                entries = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+            for entry in entries:
+                if not os.path.exists(entry.path) or not self.first_visit(entry.path):
+                    continue  # a dangling link, or a folder or file already seen
+                if entry.is_dir():
+                    pending.append(entry.path)
+                else:
+                    (images if is_image_file(entry.name) else ignored).append(entry.path)
+        return sorted(images), ignored
 
 
-def _scan_split(folder: Path, class_names: list[str] | None) -> tuple[FolderSplit, list[str], list[str]]:
+def _scan_split(
+    folder: Path, class_names: list[str] | None, scan: _Scan
+) -> tuple[FolderSplit, list[str], list[str]]:
     """Files of one split folder. With `class_names` (val/test), classes must be a subset of them and
     empty class folders count as missing classes; in the training folder they are an error."""
     found = {p.name: p for p in _class_folders(folder)}
@@ -197,7 +219,7 @@ def _scan_split(folder: Path, class_names: list[str] | None) -> tuple[FolderSpli
     for label, name in enumerate(class_names):
         if name not in found:
             continue
-        images, others = _image_files(found[name])
+        images, others = scan.image_files(found[name])
         ignored += others
         if not images:
             empty.append(name)
@@ -270,8 +292,8 @@ def _estimated_bytes(files: list[str], sample: int = 64) -> float:
         try:
             with Image.open(path) as image:
                 pixels.append(image.width * image.height)
-        except (OSError, SyntaxError, ValueError):
-            continue  # judged properly when decoded
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            continue  # judged properly when decoded (a decompression bomb is listed as a bad image)
     return 3 * float(np.mean(pixels)) * len(files) if pixels else 0.0
 
 
@@ -402,11 +424,12 @@ def load_image_folder(
         folders = {"pool": root}
     first, *others = folders
     scanned: dict[str, FolderSplit] = {}
-    scanned[first], class_names, ignored = _scan_split(folders[first], None)
+    scan = _Scan(root)
+    scanned[first], class_names, ignored = _scan_split(folders[first], None, scan)
     if len(class_names) < 2:
         raise ValueError(f"{folders[first]} has only one class folder ({class_names[0]}); a classifier needs two")
     for name in others:
-        found, _, more = _scan_split(folders[name], class_names)
+        found, _, more = _scan_split(folders[name], class_names, scan)
         ignored += more
         if not found.files:
             logger.warning("%s has no images; it is not used", folders[name])
@@ -415,6 +438,12 @@ def load_image_folder(
         missing = sorted(set(class_names) - {class_names[i] for i in found.labels})
         if missing:
             logger.warning("classes missing from %s (not evaluated there): %s", folders[name], ", ".join(missing))
+    if scan.skipped:
+        logger.warning(
+            "%d folder(s) or file(s) reached a second time through links were scanned once only (e.g. %s)",
+            len(scan.skipped),
+            scan.skipped[0],
+        )
     if ignored:
         logger.info("ignored %d files that are not images by extension (e.g. %s)", len(ignored), ignored[0])
 
