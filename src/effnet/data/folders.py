@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from effnet import paths
-from effnet.data.archives import ArchiveLimits, extract_tar, extract_zip, verify_tree
+from effnet.data.archives import QUIET_BELOW, ArchiveLimits, extract_tar, extract_zip, verify_tree
 from effnet.data.images import BadImageError, check_image, is_image_file, read_rgb
 from effnet.data.splits import DataSplits, ImageSplit, check_policy, hwc_to_chw, stratified_split
 
@@ -270,7 +271,7 @@ def _decode_all(files: list[str], max_bytes: int) -> tuple[list[np.ndarray] | No
     arrays: list[np.ndarray] = []
     bad: dict[str, str] = {}
     total = 0
-    for path in files:
+    for path in tqdm(files, desc="decoding images", unit="img", leave=False, **QUIET_BELOW):
         try:
             array = read_rgb(path)
         except BadImageError as error:
@@ -349,7 +350,7 @@ def _unpack(pixels: np.ndarray, shapes: np.ndarray) -> ImageStore:
 def _validate_lazily(files: list[str]) -> tuple[list[tuple[int, int]], dict[str, str]]:
     """Sizes of the good files and reasons for the bad ones; JPEGs decoded at reduced scale."""
     sizes, bad = [], {}
-    for path in files:
+    for path in tqdm(files, desc="checking images", unit="img", leave=False, **QUIET_BELOW):
         try:
             sizes.append(check_image(path))
         except BadImageError as error:
