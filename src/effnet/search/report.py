@@ -5,6 +5,7 @@ two figures: accuracy per candidate, and the single-dimension study (the paper's
 from __future__ import annotations
 
 import csv
+import dataclasses
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import effnet
 from effnet.search.grid import PAPER_COEFFICIENTS, Coefficients
-from effnet.search.runner import RunSpec
+from effnet.search.plan import SearchPlan, run_name
 from effnet.training.checkpoint import write_json
 
 RECIPE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "augment", "precision", "seeds")
@@ -34,24 +35,13 @@ COLUMNS = (
 )
 
 
-def planned_specs(plan: dict[str, Any]) -> list[RunSpec]:
-    """Every run of the plan in training order (compound runs once they have been planned)."""
-    specs = [RunSpec("baseline", Coefficients(1.0, 1.0, 1.0), 0.0)]
-    specs += [RunSpec("candidate", Coefficients(**p), 1.0) for p in plan["candidates"]]
-    specs += [RunSpec(s["kind"], Coefficients(s["alpha"], s["beta"], s["gamma"]), s["phi"]) for s in plan["study"]]
-    for key in plan["measured"]:
-        if key.startswith("compound_"):
-            specs.append(RunSpec.from_key(key))
-    return list(dict.fromkeys(specs))  # plans made before spread_subset could repeat a point
-
-
-def table_rows(plan: dict[str, Any], finished: dict[str, dict], seeds: int) -> list[dict[str, Any]]:
+def table_rows(plan: SearchPlan, finished: dict[str, dict], seeds: int) -> list[dict[str, Any]]:
     """One row per planned run: coefficients, measured cost, mean accuracy over finished seeds."""
-    base_macs = plan["measured"][plan["baseline_key"]]["macs"]
+    base_macs = plan.baseline_macs
     rows = []
-    for spec in planned_specs(plan):
-        measured = plan["measured"][spec.key]
-        runs = [finished[f"{spec.key}_s{seed}"] for seed in range(seeds) if f"{spec.key}_s{seed}" in finished]
+    for spec in plan.runs():
+        measured = plan.cost(spec)
+        runs = [finished[run_name(spec, seed)] for seed in range(seeds) if run_name(spec, seed) in finished]
         accs = [100 * r["val_acc"] for r in runs]
         notes = []
         if spec.coefficients == PAPER_COEFFICIENTS:
@@ -69,10 +59,10 @@ def table_rows(plan: dict[str, Any], finished: dict[str, dict], seeds: int) -> l
                 "gamma": spec.coefficients.gamma,
                 "phi": spec.phi,
                 "ideal_flops_x": spec.coefficients.flops_factor**spec.phi,
-                "measured_flops_x": measured["macs"] / base_macs,
-                "macs_m": measured["macs"] / 1e6,
-                "params_k": measured["params"] / 1e3,
-                "resolution": measured["resolution"],
+                "measured_flops_x": measured.macs / base_macs,
+                "macs_m": measured.macs / 1e6,
+                "params_k": measured.params / 1e3,
+                "resolution": measured.resolution,
                 "val_acc": statistics.mean(accs) if accs else None,
                 "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else None,
                 "time_s": statistics.mean(r["train_time_s"] for r in runs) if runs else None,
@@ -108,7 +98,7 @@ def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
 
 
 def write_all(
-    output: Path, plan: dict[str, Any], rows: list[dict[str, Any]], chosen: dict[str, Any] | None, complete: bool
+    output: Path, plan: SearchPlan, rows: list[dict[str, Any]], chosen: dict[str, Any] | None, complete: bool
 ) -> Path | None:
     """results.csv, results.md, the figures and (once a candidate is done) coefficients.json."""
     with open(output / "results.csv", "w", newline="") as handle:
@@ -126,41 +116,41 @@ def write_all(
 
 
 def coefficients_record(
-    plan: dict[str, Any], rows: list[dict[str, Any]], chosen: dict[str, Any], complete: bool
+    plan: SearchPlan, rows: list[dict[str, Any]], chosen: dict[str, Any], complete: bool
 ) -> dict[str, Any]:
-    recipe = plan["recipe"]
+    recipe = plan.recipe
     return {
         "alpha": chosen["alpha"],
         "beta": chosen["beta"],
         "gamma": chosen["gamma"],
         "flops_factor": Coefficients(chosen["alpha"], chosen["beta"], chosen["gamma"]).flops_factor,
-        "target": recipe["target"],
+        "target": recipe.target,
         "provenance": {
             "tool": f"effnet search (effnet {effnet.__version__})",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "data": plan["source"],
-            "proxy": recipe["proxy"],
-            "recipe": {k: recipe[k] for k in RECIPE_KEYS},
-            "train_images": plan["train_images"],
-            "val_images": recipe["val_images"],
+            "data": plan.source,
+            "proxy": dataclasses.asdict(recipe.proxy),
+            "recipe": {k: getattr(recipe, k) for k in RECIPE_KEYS},
+            "train_images": plan.train_images,
+            "val_images": recipe.val_images,
             "val_acc": chosen["val_acc"],
             "measured_flops_x": chosen["measured_flops_x"],
             "candidates_trained": sum(r["kind"] == "candidate" and r["complete"] for r in rows),
             "candidates_planned": sum(r["kind"] == "candidate" for r in rows),
             "search_complete": complete,
-            "selection": plan["note"],
+            "selection": plan.note,
         },
     }
 
 
-def _markdown(plan: dict[str, Any], rows: list[dict[str, Any]], chosen: dict[str, Any] | None, complete: bool) -> str:
+def _markdown(plan: SearchPlan, rows: list[dict[str, Any]], chosen: dict[str, Any] | None, complete: bool) -> str:
     lines = [
         "# Compound-scaling search",
         "",
-        f"Data: {plan['source']}; {plan['train_images']} training images x {plan['recipe']['epochs']} epoch(s) per "
-        f"run, scored on {plan['recipe']['val_images']} held-out validation images.",
-        f"Proxy: {plan['recipe']['proxy']}.",
-        f"Selection: {plan['note']}.",
+        f"Data: {plan.source}; {plan.train_images} training images x {plan.recipe.epochs} epoch(s) per "
+        f"run, scored on {plan.recipe.val_images} held-out validation images.",
+        f"Proxy: {dataclasses.asdict(plan.recipe.proxy)}.",
+        f"Selection: {plan.note}.",
         "",
         format_table(rows, markdown=True),
         "",

@@ -10,13 +10,13 @@ It reads the search's plan.json, loads the same data subsets, and trains the run
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 from effnet.paths import cache_dir
-from effnet.search.runner import PLAN_FILE, RunSpec, search_splits_from_plan, train_run
+from effnet.search.plan import RunSpec, SearchPlan
+from effnet.search.runner import search_splits_from_plan, train_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="auto")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="effnet: %(message)s", stream=sys.stderr)
-    plan = json.loads((args.output / PLAN_FILE).read_text())
+    plan = SearchPlan.read(args.output)
     data = search_splits_from_plan(plan, args.data_dir)
     workers = int(args.workers) if args.workers.isdigit() else args.workers
     train_run(RunSpec.from_key(args.run), args.seed, plan, data, args.output, workers)
