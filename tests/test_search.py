@@ -25,6 +25,7 @@ from effnet.models.efficientnet import EfficientNet
 from effnet.models.scaling import build_config
 from effnet.profiling import count_macs, count_params
 from effnet.search import PAPER_COEFFICIENTS, Coefficients, Proxy, coefficient_grid, measure, spread_subset
+from effnet.search.plan import PLAN_FILE, RunSpec, SearchPlan
 from effnet.search.runner import SearchSettings, search
 
 
@@ -161,3 +162,20 @@ def test_tiny_search_resumes_after_sigkill_and_writes_usable_coefficients(tmp_pa
     # A rerun with another recipe must not mix its runs into this search.
     with pytest.raises(ValueError, match="other settings"):
         search(SearchSettings(data=str(data), budget_minutes=1, output=output, grid_step=0.1, workers=0))
+
+
+def test_plan_file_round_trips_and_a_corrupt_or_foreign_one_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a run key"):
+        RunSpec.from_key("candidate_a1.2_b1.10_g1.15_phi1")
+    folder = tmp_path / "search"
+    folder.mkdir()
+    for text, problem in [
+        ("{not json", "corrupt"),
+        ("[1, 2]", "not a search plan"),
+        ('{"steps": ["train"]}', "missing"),
+    ]:
+        (folder / PLAN_FILE).write_text(text)
+        with pytest.raises(ValueError, match=problem) as caught:
+            SearchPlan.read(folder)
+        assert str(folder / PLAN_FILE) in str(caught.value) and "\n" not in str(caught.value)
+        assert "--output" in str(caught.value)
