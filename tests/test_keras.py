@@ -11,6 +11,8 @@ os.environ["KERAS_BACKEND"] = "torch"  # before keras is imported anywhere
 
 from pathlib import Path
 
+import h5py  # noqa: F401  (the [test] extra: missing, it fails rather than skips)
+import keras
 import numpy as np
 import pytest
 import torch
@@ -19,8 +21,6 @@ import effnet
 from effnet.cli import main
 from effnet.models.weights import WeightsError
 
-keras = pytest.importorskip("keras")
-pytest.importorskip("h5py")
 # Keras 3's torch backend converts tensors with np.array(x), which NumPy 2 warns about on every call.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

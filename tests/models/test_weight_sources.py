@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from skimage import data as skimage_data
 
 import effnet
 from effnet.data import build_transforms
@@ -19,7 +20,6 @@ from effnet.models.checkpoint import load_model, save_model
 from effnet.models.spec import IMAGENET_MEAN, IMAGENET_STD
 from effnet.models.weights import WEIGHT_REGISTRY, WeightsError, export_state_dict, source_preprocess
 
-skimage_data = pytest.importorskip("skimage.data")
 LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 CATS = {"tabby", "tiger cat", "Egyptian cat"}
 
@@ -74,7 +74,7 @@ def test_offline_lite_weights_rank_labelled_photos(name: str) -> None:
 def test_offline_lite0_agrees_with_timm_tf_port_on_its_own_transforms() -> None:
     """Our weights in timm's tf_efficientnet_lite0, fed by timm's transform from its pretrained_cfg,
     against ours fed by our pipeline from ours: same inputs, same answer."""
-    timm = pytest.importorskip("timm")
+    import timm
     from PIL import Image
 
     ours = _offline("efficientnet_lite0")
@@ -93,7 +93,7 @@ def test_offline_lite0_agrees_with_timm_tf_port_on_its_own_transforms() -> None:
 
 
 def test_timm_sources_match_timm_pretrained_cfg() -> None:
-    timm = pytest.importorskip("timm")
+    import timm
     for name, sources in WEIGHT_REGISTRY.items():
         for source in (s for s in sources if s.kind == "timm"):
             reference = timm.models.get_pretrained_cfg(source.location).to_dict()
