@@ -10,11 +10,19 @@ which torch's SequentialLR cannot do, and each group keeps its own `lr_scale` (l
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from effnet.training.config import TrainConfig
+
+log = logging.getLogger("effnet")
+DEFAULT_EPOCHS = 3  # without max_minutes, or until the budget's epochs are chosen
+BUDGET_PROBE_STEPS = 8  # optimizer steps timed (after the first, which pays one-off costs) to plan the budget
+EVAL_COST = 1 / 3  # a forward pass of a batch, as a share of a training step (no backward, no update)
 
 
 class LRSchedule:
@@ -23,10 +31,14 @@ class LRSchedule:
     def __init__(self, optimizer: torch.optim.Optimizer, config: TrainConfig, base_lr: float, steps_per_epoch: int):
         self.optimizer, self.config, self.base_lr = optimizer, config, base_lr
         self.steps_per_epoch = max(1, steps_per_epoch)
-        self.total_steps = self.steps_per_epoch * config.epochs
-        auto_warmup = math.ceil(0.05 * self.total_steps)
-        self.warmup_steps = auto_warmup if config.warmup_steps is None else config.warmup_steps
+        self.set_epochs(config.epochs or DEFAULT_EPOCHS)
         self.plateau_scale, self.best, self.bad_epochs = 1.0, -math.inf, 0
+
+    def set_epochs(self, epochs: int) -> None:
+        """Plan `epochs` epochs: the cosine ends, and the automatic warmup (5%) is measured, on them."""
+        self.total_steps = self.steps_per_epoch * epochs
+        auto_warmup = math.ceil(0.05 * self.total_steps)
+        self.warmup_steps = auto_warmup if self.config.warmup_steps is None else self.config.warmup_steps
 
     def factor(self, step: int, time_fraction: float = 0.0) -> float:
         config = self.config
@@ -62,7 +74,74 @@ class LRSchedule:
             self.bad_epochs = 0
 
     def state_dict(self) -> dict[str, float]:
+        """The plateau's state. The planned length is not in it: it is the config's epochs (a budget's
+        plan is written to config.yaml), which a resumed run may change."""
         return {"plateau_scale": self.plateau_scale, "best": self.best, "bad_epochs": self.bad_epochs}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.plateau_scale, self.best, self.bad_epochs = state["plateau_scale"], state["best"], int(state["bad_epochs"])
+
+
+def epochs_for_budget(
+    budget_s: float, elapsed_s: float, step_s: float, steps_done: int, steps_per_epoch: int, eval_share: float = 0.0
+) -> int:
+    """The number of epochs whose schedule ends at the budget: the time left when the first step
+    started, over an epoch's measured cost (its steps and `eval_share` of them for validation),
+    rounded to the nearest whole epoch: a run ends within half an epoch of the budget, and when it
+    rounds up the clock stops it with the LR already annealed (the cosine follows the clock too)."""
+    if step_s <= 0 or steps_per_epoch < 1:
+        raise ValueError(f"epochs_for_budget needs a positive step time and epoch, got {step_s} s, {steps_per_epoch}")
+    since_first_step = budget_s - elapsed_s + steps_done * step_s
+    epoch_s = step_s * steps_per_epoch * (1 + eval_share)
+    return max(1, round(since_first_step / epoch_s))
+
+
+@dataclass
+class BudgetEpochs:
+    """`max_minutes` without `epochs`: times the BUDGET_PROBE_STEPS optimizer steps after the first this
+    process takes (after the feature cache and any precision probe, which the budget has paid already)
+    and then plans the schedule to end at the budget. `eval_share`: validation's cost per training step."""
+
+    budget_s: float | None
+    steps_per_epoch: int
+    eval_share: float = 0.0
+    chosen: int | None = None
+    _start: tuple[int, float] | None = field(default=None, repr=False)  # (step, elapsed s) timing began
+
+    @classmethod
+    def for_run(
+        cls, config: TrainConfig, steps_per_epoch: int, val_items: int, train_items: int
+    ) -> tuple[TrainConfig, BudgetEpochs]:
+        """The config to start with (epochs None becomes DEFAULT_EPOCHS until the plan) and the planner;
+        validation passes over `val_items` at EVAL_COST of a training step per item."""
+        planned = config.epochs is None and config.max_minutes is not None
+        share = EVAL_COST * val_items / max(1, train_items)
+        planner = cls(config.max_minutes * 60 if planned else None, steps_per_epoch, share)
+        return config.replace(epochs=config.epochs or DEFAULT_EPOCHS), planner
+
+    def after_step(
+        self, config: TrainConfig, schedule: LRSchedule, elapsed_s: float, step: int, run_dir: Path | bool = False
+    ) -> TrainConfig:
+        """Call after optimizer step `step` (a 1-based count); returns the config, with its epochs set
+        once they are chosen (and saved as `run_dir`/config.yaml when given, so that a resumed run
+        keeps them; False on the processes that do not write the run folder)."""
+        if self.budget_s is None or self.chosen is not None:
+            return config
+        if self._start is None:
+            self._start = (step, elapsed_s)
+        if step < self._start[0] + BUDGET_PROBE_STEPS:
+            return config
+        step_s = (elapsed_s - self._start[1]) / (step - self._start[0])
+        self.chosen = epochs_for_budget(self.budget_s, elapsed_s, step_s, step, self.steps_per_epoch, self.eval_share)
+        schedule.set_epochs(self.chosen)
+        log.info(
+            "budget of %g min: %.2f s per step, %d steps per epoch: %d epoch(s) end the schedule at the budget",
+            self.budget_s / 60,
+            step_s,
+            self.steps_per_epoch,
+            self.chosen,
+        )
+        config = config.replace(epochs=self.chosen)
+        if run_dir:
+            config.save(Path(run_dir) / "config.yaml")
+        return config
