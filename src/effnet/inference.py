@@ -223,15 +223,14 @@ def _model_name(model: nn.Module) -> str:
 def _fastest_engine(model: nn.Module, size: int, batch_size: int, task: str) -> Engine:
     """The engine `runtime.choose_inference` picks among the candidates this CPU allows."""
     candidates = runtime.inference_candidates(openvino_available())
-    converted = {}
 
     def build(candidate: str) -> Engine:
         backend, precision = candidate.split(" ")
         if backend == "torch":
             return TorchEngine(model, "cpu", torch.bfloat16 if precision == "bf16" else None)
-        if "model" not in converted:
-            converted["model"] = convert_openvino(model, size)
-        return OpenVinoEngine(model, size, precision, converted["model"])
+        # A fresh conversion per compiled precision: one converted model compiled twice (f32, bf16)
+        # crashed the process later (a segfault at the next fork).
+        return OpenVinoEngine(model, size, precision)
 
     example = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
     return runtime.choose_inference(f"infer {task} batch {batch_size}", candidates, build, example)
