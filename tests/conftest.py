@@ -18,6 +18,10 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # The suite's own cache folder (effnet.paths.cache_dir), inherited by the CLI subprocesses: tests never
 # read or write the user's ~/.cache/effnet, and the per-machine measurements are made once per run.
 os.environ["EFFNET_CACHE"] = tempfile.mkdtemp(prefix="effnet-test-cache-")
+# The suite runs as on a CPU without native bf16 (tests that need bf16 set EFFNET_NATIVE_BF16=1 themselves):
+# building OpenVINO bf16 engines in the one pytest process, then forking DataLoader workers, segfaulted
+# the process (issue 15 note); users' runs build one engine per process.
+os.environ.setdefault("EFFNET_NATIVE_BF16", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
