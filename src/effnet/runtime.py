@@ -24,6 +24,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from effnet.files import atomic_write_text
 from effnet.models import fused
 from effnet.paths import cache_dir
 
@@ -137,10 +138,7 @@ def remembered(task: str, measure: Callable[[], T]) -> tuple[T, bool]:
     answer = measure()
     stored[task] = answer
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(stored, indent=1, sort_keys=True))
-        os.replace(temporary, path)
+        atomic_write_text(path, json.dumps(stored, indent=1, sort_keys=True))
     except OSError as error:  # a read-only home: measure again next time
         log.warning("could not keep the measured choice in %s (%s); it will be measured again next run", path, error)
     return answer, True

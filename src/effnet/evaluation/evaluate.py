@@ -23,6 +23,7 @@ from effnet.evaluation.plots import (
     plot_reliability,
     save_figure,
 )
+from effnet.files import atomic_write_text
 from effnet.inference import Engine, create_engine
 from effnet.trained import Trained
 
@@ -149,7 +150,7 @@ def run_eval(
         "top_losses": worst,
         "figures": write_figures(output, metrics, worst, chosen, trained),
     }
-    (output / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(output / "eval.json", json.dumps(result, indent=2) + "\n")
     log.info(
         "%s split: top-1 %.2f%%, top-5 %.2f%%, loss %.4f, ECE %.2f%% on %d images -> %s",
         name,

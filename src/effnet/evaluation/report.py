@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from effnet.data import DataSplits
 from effnet.evaluation.evaluate import load_run_data, run_eval
 from effnet.evaluation.plots import plot_image_grid, save_figure
+from effnet.files import atomic_write_text
 from effnet.profiling import count_macs, count_params
 from effnet.trained import Trained, load_trained
 
@@ -72,9 +72,7 @@ def write_report(run_dir: str | Path, data: DataSplits | None = None, backend: s
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     page = render(trained, splits, evaluation, results, eval_dir, samples)
     path = run_dir / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, page)
     return path
 
 

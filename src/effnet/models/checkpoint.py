@@ -8,13 +8,12 @@ it is written atomically (temporary file, then rename) so a crash never leaves h
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from effnet.files import atomic_write
 from effnet.models.efficientnet import EfficientNet
 from effnet.models.spec import ModelConfig, PreprocessConfig, StageSpec
 from effnet.models.weights import WeightsError, read_state_dict
@@ -24,19 +23,8 @@ CHECKPOINT_VERSION = 1
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """`torch.save` to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`torch.save` that never leaves half a file (`effnet.files.atomic_write`)."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
