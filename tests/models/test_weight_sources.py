@@ -94,6 +94,7 @@ def test_offline_lite0_agrees_with_timm_tf_port_on_its_own_transforms() -> None:
 
 def test_timm_sources_match_timm_pretrained_cfg() -> None:
     import timm
+
     for name, sources in WEIGHT_REGISTRY.items():
         for source in (s for s in sources if s.kind == "timm"):
             reference = timm.models.get_pretrained_cfg(source.location).to_dict()

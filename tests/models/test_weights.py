@@ -102,6 +102,7 @@ def _preprocess(image, cfg: dict) -> torch.Tensor:
 
 def test_offline_lite0_weights_recognise_real_photos() -> None:
     from skimage import data as skimage_data
+
     model = effnet.create_model("efficientnet_lite0", pretrained=True).eval()
     names = _imagenet_names()
     with torch.no_grad():

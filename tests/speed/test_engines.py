@@ -91,6 +91,7 @@ def test_inference_candidates_follow_native_bf16(monkeypatch) -> None:
 
 def test_openvino_engine_matches_the_model_and_reports_parity(model_and_images) -> None:
     import openvino  # noqa: F401  (the [fast] extra: missing, it fails rather than skips)
+
     model, images = model_and_images
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -101,7 +101,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if parity["max_abs_diff"] <= 1e-4 else 1
 
 
-
 def _export_int8(trained, output: Path, args: argparse.Namespace) -> int:
     from effnet.evaluation.evaluate import load_run_data
     from effnet.export.int8 import export_int8

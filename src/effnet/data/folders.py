@@ -203,9 +203,7 @@ class _Scan:
         return sorted(images), ignored
 
 
-def _scan_split(
-    folder: Path, class_names: list[str] | None, scan: _Scan
-) -> tuple[FolderSplit, list[str], list[str]]:
+def _scan_split(folder: Path, class_names: list[str] | None, scan: _Scan) -> tuple[FolderSplit, list[str], list[str]]:
     """Files of one split folder. With `class_names` (val/test), classes must be a subset of them and
     empty class folders count as missing classes; in the training folder they are an error."""
     found = {p.name: p for p in _class_folders(folder)}
