@@ -46,7 +46,6 @@ def test_epochs_for_budget_rounds_to_the_nearest_epoch() -> None:
 
 # Epochs by hand: the time left after the cache over an epoch's steps plus 1/30 for validation,
 # e.g. 510 s / (48 x 1.6 s x 31/30) = 6.4. Three epochs would have ended at 330 s, 46 s and 820 s.
-@pytest.mark.skip(reason="needs TrainConfig.epochs=None (budget decides), not yet committed: see the issue-17 note")
 @pytest.mark.parametrize(
     ("cache_s", "step_s", "steps_per_epoch", "epochs"), [(90.0, 1.6, 48, 6), (30.0, 0.4, 12, 115), (200.0, 5.0, 40, 2)]
 )
@@ -71,7 +70,6 @@ def test_fixed_epochs_are_kept_and_the_earlier_limit_wins() -> None:
     assert final.epochs == DEFAULT_EPOCHS and schedule.total_steps == DEFAULT_EPOCHS * 10  # no budget: 3
 
 
-@pytest.mark.skip(reason="needs TrainConfig.epochs=None (budget decides), not yet committed: see the issue-17 note")
 def test_plan_waits_for_the_probe_and_is_saved(tmp_path: Path) -> None:
     config = TrainConfig(max_minutes=10)
     schedule = _schedule(config, 50)

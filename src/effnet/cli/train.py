@@ -76,9 +76,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--drop-path-rate", type=float, help="stochastic depth rate (default: as --drop-rate)")
 
     group = p.add_argument_group("how long")
-    group.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    group.add_argument(
+        "--epochs", type=int, help="default 3; with --max-minutes alone, as many as end the schedule at the budget"
+    )
     group.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
-    group.add_argument("--max-minutes", type=float, help="stop cleanly (checkpoint, test) at this wall-clock budget")
+    group.add_argument(
+        "--max-minutes",
+        type=float,
+        help="wall-clock budget: the schedule is planned to end at it (without --epochs), "
+        "and the run stops cleanly (checkpoint, test) when it is reached",
+    )
     group.add_argument(
         "--val-at-minutes",
         type=minutes_list,
@@ -182,6 +189,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "~/.local/share/effnet/runs)",
     )
     group.add_argument("--resume", help="continue the run in this folder exactly where it stopped")
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace the run in --output (its files are deleted first)"
+    )
     group.add_argument("--seed", type=int, help=f"default {d.seed}")
     group.add_argument("--checkpoint-every", type=int, help="also save the resume state every N steps")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (for log files)")
@@ -194,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from effnet.training import fit  # imported here so `effnet --help` stays fast
 
     # `quiet` is effnet's global -q (the log level); progress bars are train's own --no-progress.
-    skipped = ("func", "command", "resume", "quiet", "config", "print_config")
+    skipped = ("func", "command", "resume", "quiet", "debug", "config", "print_config", "overwrite")
     options = {k: v for k, v in vars(args).items() if k not in skipped}
     resume = getattr(args, "resume", None)
     base = _file_config(getattr(args, "config", None), resume)
@@ -204,7 +214,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(NO_DATA_HELP)
         return 2
     model, data = options.pop("model", None), options.pop("data", None)
-    result = fit(model, data, base, resume=resume, **options)
+    result = fit(model, data, base, resume=resume, overwrite=getattr(args, "overwrite", False), **options)
     if result.results["test_acc"] is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 only
         tta = result.results["test_acc_tta"]
         with_tta = f", {tta:.2%} with flip TTA" if tta is not None else ""

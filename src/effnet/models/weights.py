@@ -279,8 +279,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickles with code, truncated files, not a torch file at all
         raise WeightsError(
-            f"cannot read {path} as a PyTorch weights file ({type(error).__name__}: {error}). "
-            "Only plain state dicts and effnet checkpoints are loaded (weights_only=True)."
+            f"cannot read {path} as a PyTorch weights file ({type(error).__name__}: {_first_sentence(error)}). "
+            "Only plain state dicts and effnet checkpoints are loaded (weights_only=True); "
+            "a damaged file must be trained or exported again."
         ) from error
     meta: dict[str, Any] = {}
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -485,3 +486,9 @@ def resolve_pretrained(name: str, pretrained: bool | str | Path) -> tuple[dict[s
         except WeightsError as error:
             failures.append(f"  - {source.kind} {source.location}: {error}")
     raise WeightsError(f"no source of weights for {name} could be used:\n" + "\n".join(failures))
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The gist of a library's error message, which may run to several lines of advice."""
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0] if text else "empty file?"

@@ -4,12 +4,14 @@ run folder so that a run can be read, repeated and resumed from its folder alone
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from effnet.files import atomic_write_text
 from effnet.paths import cache_dir
 
 FINETUNE_MODES = ("auto", "head", "full", "gradual")  # plus "last:N"
@@ -17,6 +19,62 @@ OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 SCHEDULES = ("cosine", "plateau", "step")
 BN_FREEZE = ("auto", "on", "off")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+MIN_IMG_SIZE = 32  # the network's total stride: below it the last stages see less than a pixel
+
+
+class ConfigError(ValueError):
+    """A setting out of its range or choices: a usage error (the CLI exits with status 2)."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The valid range of a numeric setting; NaN and infinities are never in it."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def describe(self) -> str:
+        kind = "a whole number" if self.integer else "a finite number"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{kind} in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        return kind
+
+    def contains(self, value: float) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return low_ok and (self.high is None or (value < self.high if self.high_open else value <= self.high))
+
+    def check(self, name: str, value: float | None) -> None:
+        if value is not None and not self.contains(value):
+            raise ConfigError(f"{name} must be {self.describe()}, got {value!r}")
+
+
+AT_LEAST_1, AT_LEAST_0 = Interval(1, integer=True), Interval(0, integer=True)
+POSITIVE, NON_NEGATIVE = Interval(0, low_open=True), Interval(0)
+UNIT, FRACTION = Interval(0, 1, high_open=True), Interval(0, 1, low_open=True, high_open=True)
+# Every numeric setting and its range (None, where a field allows it, means "the default").
+RANGES = {
+    "val_split": UNIT, "img_size": Interval(MIN_IMG_SIZE, integer=True), "drop_rate": UNIT, "drop_path_rate": UNIT,
+    "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "max_minutes": POSITIVE, "patience": AT_LEAST_1,
+    "gradual_head_epochs": AT_LEAST_0, "layer_decay": Interval(0, 1, low_open=True), "bn_momentum": Interval(0, 1),
+    "cache_views": AT_LEAST_1, "cache_shift": AT_LEAST_0, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+    "momentum": UNIT, "warmup_steps": AT_LEAST_0, "min_lr": NON_NEGATIVE, "plateau_factor": FRACTION,
+    "plateau_patience": AT_LEAST_0, "step_epochs": AT_LEAST_1, "step_gamma": Interval(0, 1, low_open=True),
+    "label_smoothing": UNIT, "ema_decay": UNIT, "clip_grad": POSITIVE, "accum_steps": AT_LEAST_1,
+    "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE, "seed": Interval(0, 2**32 - 1, integer=True),
+    "checkpoint_every": AT_LEAST_0,
+}  # fmt: skip
 
 
 @dataclass
@@ -35,7 +93,7 @@ class TrainConfig:
     drop_path_rate: float | None = None
 
     # How long.
-    epochs: int = 3
+    epochs: int | None = None  # None: 3, or with max_minutes as many as end at the budget (schedule.BudgetEpochs)
     batch_size: int = 64
     max_minutes: float | None = None  # stop cleanly (checkpoint, test) at this wall-clock budget
     patience: int | None = None  # early stopping: epochs without a better validation accuracy
@@ -107,36 +165,32 @@ class TrainConfig:
         }
         for name, choices in checks.items():
             if getattr(self, name) not in choices:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
         parse_finetune(self.finetune)
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "accum_steps": self.accum_steps}
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+        for name, interval in RANGES.items():
+            interval.check(name, getattr(self, name))
+        if not (self.workers == "auto" or (isinstance(self.workers, int) and self.workers >= 0)):
+            raise ConfigError(f"workers must be 'auto' or a number of processes >= 0, got {self.workers!r}")
         if self.cache_frozen:
             self._validate_cache_frozen()
-        if any(minutes <= 0 for minutes in self.val_at_minutes):
-            raise ValueError(f"val_at_minutes must be positive minutes, got {self.val_at_minutes}")
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for minutes in self.val_at_minutes:
+            POSITIVE.check("val_at_minutes", minutes)
 
     def _validate_cache_frozen(self) -> None:
         mode, count = parse_finetune(self.finetune)
         if mode not in ("last", "auto") or count > 7:
-            raise ValueError(
+            raise ConfigError(
                 f"cache_frozen needs a frozen prefix that stays frozen: use finetune last:N with N from 1 to 7 "
                 f"(got {self.finetune!r})"
             )
         if self.mixup or self.cutmix:
-            raise ValueError("cache_frozen trains on stored features, not images: turn off mixup and cutmix")
+            raise ConfigError("cache_frozen trains on stored features, not images: turn off mixup and cutmix")
         if self.bn_freeze == "off":
-            raise ValueError("cache_frozen keeps the frozen stages' BatchNorm statistics fixed: bn_freeze 'off' cannot")
+            raise ConfigError("cache_frozen keeps the frozen stages' BatchNorm statistics fixed, not bn_freeze off")
         if self.cache_views < 1:
-            raise ValueError(f"cache_views must be at least 1, got {self.cache_views}")
+            raise ConfigError(f"cache_views must be at least 1, got {self.cache_views}")
         if self.cache_shift is not None and self.cache_shift < 0:
-            raise ValueError(f"cache_shift must be 0 (off) or more feature cells, got {self.cache_shift}")
+            raise ConfigError(f"cache_shift must be 0 (off) or more feature cells, got {self.cache_shift}")
 
     def replace(self, **overrides: Any) -> TrainConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
@@ -148,7 +202,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -169,7 +223,7 @@ def parse_finetune(mode: str) -> tuple[str, int]:
             return "last", int(count)
     elif mode in FINETUNE_MODES:
         return mode, 0
-    raise ValueError(f"finetune={mode!r}: expected auto, head, last:N (N >= 1 stages), full or gradual")
+    raise ConfigError(f"finetune={mode!r}: expected auto, head, last:N (N >= 1 stages), full or gradual")
 
 
 def default_lr(optimizer: str, batch_size: int) -> float:

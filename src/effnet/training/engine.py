@@ -42,8 +42,10 @@ from effnet.runtime import (
 )
 from effnet.training.cached import build_feature_cache, frozen_stage_count, trainable_suffix
 from effnet.training.checkpoint import (
+    RUN_FILES,
     check_compatible,
     load_state,
+    nonfinite_entries,
     save_state,
     set_rng_state,
     write_json,
@@ -59,7 +61,7 @@ from effnet.training.finetune import (
     resolve_auto,
     set_train_mode,
 )
-from effnet.training.schedule import LRSchedule
+from effnet.training.schedule import BudgetEpochs, LRSchedule
 
 log = logging.getLogger("effnet")
 SINGLE_PROCESS = DistContext()
@@ -85,6 +87,7 @@ def fit(
     config: TrainConfig | None = None,
     *,
     resume: str | Path | None = None,
+    overwrite: bool = False,
     **overrides: Any,
 ) -> FitResult:
     """Fine-tune `model` (a name for `create_model`, or an EfficientNet) on `data` (a spec for
@@ -92,8 +95,9 @@ def fit(
 
     `overrides` are TrainConfig fields (`fit("efficientnet_lite0", "digits", pretrained=True)`).
     `resume=RUN_DIR` continues that run exactly; model and data then default to the run's own.
+    A folder holding a run's files is refused unless resumed, or `overwrite=True` (which deletes them).
     """
-    config, state, run_dir = _resolve_config(model, data, config, resume, overrides)
+    config, state, run_dir = _resolve_config(model, data, config, resume, overrides, overwrite)
     context, device = init_distributed(pick_device(config.device))
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
@@ -159,6 +163,7 @@ def _train(
     lr = config.lr if config.lr is not None else default_lr(config.optimizer, batch)
     optimizer = build_optimizer(param_groups(net, config), config, lr)
     schedule = LRSchedule(optimizer, config, lr, batches_per_epoch // config.accum_steps)
+    config, budget = BudgetEpochs.for_run(config, schedule.steps_per_epoch, len(val_set or ()), len(train_set))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     mixer = make_batch_mixer(len(splits.class_names), config.mixup, config.cutmix, config.seed)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -192,6 +197,7 @@ def _train(
         return elapsed_before + time.perf_counter() - started
 
     def save_resume_state() -> None:
+        _stop_if_nonfinite(run_dir, progress["epoch"], net, ema, optimizer)
         if context.is_main:
             progress["elapsed_s"] = elapsed()
             save_state(
@@ -261,8 +267,7 @@ def _train(
                 bar.close()
                 raise TrainingDiverged(
                     f"the loss became {loss.item()} at epoch {epoch + 1}, batch {index + 1}; stopped. "
-                    f"The last good checkpoint is kept in {run_dir}. "
-                    "Try a lower --lr, --clip-grad 1.0 or --precision fp32."
+                    f"{_kept_files(run_dir)} Try a lower --lr, --clip-grad 1.0 or --precision fp32."
                 )
             scaler.scale(loss / config.accum_steps).backward()
             loss_sum += loss.item() * len(labels)
@@ -280,6 +285,7 @@ def _train(
                 if ema:
                     ema.update_parameters(net)
                 progress["step"] += 1
+                config = budget.after_step(config, schedule, elapsed(), progress["step"], context.is_main and run_dir)
                 progress["batches_done"] = index + 1
                 if pending_checks and _any_process(elapsed() >= pending_checks[0] * 60, context, device):
                     pending_checks.pop(0)
@@ -317,6 +323,7 @@ def _train(
             "images_per_s": seen / seconds,
         }
         history.append(row)
+        _stop_if_nonfinite(run_dir, epoch, net, ema, optimizer)  # before best.pt, last.pt and state.pt
         if val is None or val["acc"] > progress["best_val_acc"]:
             progress.update(best_val_acc=val["acc"] if val else -1.0, best_epoch=epoch + 1, bad_epochs=0)
             best_state = {k: v.detach().clone() for k, v in eval_net.state_dict().items()}
@@ -425,6 +432,7 @@ def _resolve_config(
     config: TrainConfig | None,
     resume: str | Path | None,
     overrides: dict[str, Any],
+    overwrite: bool = False,
 ) -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:
     """The run's config, resume state and folder. A resumed run starts from its saved config.yaml;
     a new run refuses a folder that already holds a run, so nothing is overwritten."""
@@ -444,11 +452,14 @@ def _resolve_config(
     if not config.data and not isinstance(data, DataSplits):
         raise ValueError("no data to train on: pass digits, cifar10, cifar100, flowers102, an image folder or archive")
     run_dir = Path(config.output) if config.output else _default_run_dir(config)
-    if (run_dir / "state.pt").exists():
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found and not overwrite:
         raise ValueError(
-            f"{run_dir} already holds a run (state.pt). Continue it with --resume {run_dir}, "
-            "or choose another --output."
+            f"{run_dir} already holds a run ({', '.join(found)}). Continue it with --resume {run_dir}, "
+            "choose another --output, or replace it with --overwrite."
         )
+    for name in (*found, "config.yaml"):
+        (run_dir / name).unlink(missing_ok=True)
     return config.replace(output=str(run_dir)), None, run_dir
 
 
@@ -687,6 +698,29 @@ def _distributed_sampler(dataset: Dataset, context: DistContext, seed: int, epoc
     sampler = DistributedSampler(dataset, context.world_size, context.rank, shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     return sampler
+
+
+def _kept_files(run_dir: Path) -> str:
+    """What a stopped run leaves to go on from, naming only files that exist."""
+    kept = [name for name in ("state.pt", "best.pt", "last.pt") if (run_dir / name).is_file()]
+    if not kept:
+        return f"No checkpoint was saved in {run_dir} yet: start again (with --overwrite)."
+    resume = f"; continue with --resume {run_dir}" if "state.pt" in kept else ""
+    return f"{run_dir} keeps the last finite checkpoint ({', '.join(kept)}){resume}."
+
+
+def _stop_if_nonfinite(
+    run_dir: Path, epoch: int, net: nn.Module, ema: AveragedModel | None, optimizer: torch.optim.Optimizer
+) -> None:
+    """Checked before every checkpoint write: a finite loss can hide NaN BN statistics or weights."""
+    state = {"model": net.state_dict(), "ema": ema.state_dict() if ema else None, "optimizer": optimizer.state_dict()}
+    bad = nonfinite_entries(state)
+    if bad:
+        raise TrainingDiverged(
+            f"training diverged in epoch {epoch + 1}: {len(bad)} weights, statistics or optimizer values are not "
+            f"finite (e.g. {bad[0].rstrip('.')}), so they were not saved. {_kept_files(run_dir)} "
+            "Try a lower --lr, --clip-grad 1.0 or --precision fp32."
+        )
 
 
 def _any_process(flag: bool, context: DistContext, device: torch.device) -> bool:
