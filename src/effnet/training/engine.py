@@ -1,9 +1,10 @@
 """`fit`: fine-tune an EfficientNet on a data set, writing a run folder that survives a SIGKILL.
 
-The loop is deliberately one readable pass (nanoGPT-style): build, then for each epoch freeze
-what the fine-tuning mode says, run the optimizer steps, validate, checkpoint; then test the best
-weights. Everything else (freezing, parameter groups, schedules, state files, processes) lives in
-the sibling modules.
+The loop is one readable pass (nanoGPT-style): `_start` builds everything a run needs into one
+`_Run`; then each epoch sets what trains (`_set_trainable`), runs the batches (`_run_epoch`, one
+`train_step` per batch) and ends (`_end_epoch`: validate, keep the best, checkpoint); `_final_test`
+tests the best weights. Freezing, parameter groups, schedules, the step itself, state files and
+processes live in the sibling modules; the feature cache hides behind `TrainingInputs`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from effnet.data import DataSplits, TransformedDataset, build_transforms, load_data, make_batch_mixer, make_loader
+from effnet.data import DataSplits, TransformedDataset, load_data, make_batch_mixer, make_loader
 from effnet.models.checkpoint import config_from_dict, config_to_dict, load_model, save_model
 from effnet.models.efficientnet import EfficientNet
 from effnet.models.registry import create_model, get_config
@@ -40,9 +40,9 @@ from effnet.runtime import (
     release_freed_memory_eagerly,
     set_stage_precision,
 )
-from effnet.training.cached import build_feature_cache, frozen_stage_count, trainable_suffix
 from effnet.training.checkpoint import (
     RUN_FILES,
+    TrainState,
     check_compatible,
     load_state,
     nonfinite_entries,
@@ -53,24 +53,20 @@ from effnet.training.checkpoint import (
 )
 from effnet.training.config import TrainConfig, default_lr
 from effnet.training.distributed import DistContext, all_reduce_sum, init_distributed, shutdown
-from effnet.training.finetune import (
-    build_optimizer,
-    first_trainable_part,
-    freeze,
-    param_groups,
-    resolve_auto,
-    set_train_mode,
-)
+from effnet.training.finetune import first_trainable_part, freeze, resolve_auto, set_train_mode
+from effnet.training.inputs import TrainingInputs, eval_transform
 from effnet.training.schedule import BudgetEpochs, LRSchedule
+from effnet.training.step import NonFiniteLoss, Step, make_step, train_step
 
 log = logging.getLogger("effnet")
 SINGLE_PROCESS = DistContext()
 IMAGENET_CLASSES = 1000
 DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+ADVICE = "Try a lower --lr, --clip-grad 1.0 or --precision fp32."
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the run folder keeps the last good checkpoint."""
+    """The loss, a weight or a statistic became NaN or infinite; the run folder keeps the last good checkpoint."""
 
 
 @dataclass
@@ -79,6 +75,45 @@ class FitResult:
     history: list[dict[str, Any]]  # one row per epoch, as in metrics.csv
     results: dict[str, Any]  # as in results.json
     run_dir: Path | None
+
+
+@dataclass
+class _Run:
+    """Everything one `fit` works with, built by `_start`; the loop reads and updates it."""
+
+    config: TrainConfig
+    splits: DataSplits
+    net: EfficientNet  # the whole network (its state is what checkpoints hold)
+    img_size: int
+    flip: bool  # mirror augmentation (and flip TTA by default)
+    inputs: TrainingInputs
+    step: Step
+    schedule: LRSchedule
+    budget: BudgetEpochs
+    mixer: Callable | None
+    run_dir: Path
+    context: DistContext
+    device: torch.device
+    lr: float
+    started: float  # perf_counter() at which the run's wall time (earlier sessions' included) was 0
+    batches_per_epoch: int
+    best_weights: dict[str, torch.Tensor]
+    state: TrainState = field(default_factory=TrainState)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[dict[str, float]] = field(default_factory=list)  # --val-at-minutes results
+    pending_checks: list[float] = field(default_factory=list)  # --val-at-minutes marks still ahead
+    restore_rng: dict[str, Any] | None = None  # the resumed run's generators, set once the loader exists
+    trainable_from: int | None = None
+    stop_reason: str | None = None
+    tensorboard: Any = None
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """What is validated, tested and saved: the EMA of the weights, or the weights."""
+        return self.step.ema.module if self.step.ema is not None else self.net
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def fit(
@@ -117,271 +152,334 @@ def _train(
     context: DistContext,
     device: torch.device,
 ) -> FitResult:
+    run = _start(model, data, config, state, run_dir, context, device)
+    while run.state.epoch < run.config.epochs and run.stop_reason is None:
+        _set_trainable(run)
+        _run_epoch(run)
+        totals = _epoch_totals(run)
+        if totals[2] == 0:  # the time budget ran out before this epoch's first batch
+            _save_resume_state(run)
+            break
+        _end_epoch(run, *totals)
+    if run.stop_reason:
+        log.info("stopped: %s", run.stop_reason)
+    return _final_test(run)
+
+
+def _run_epoch(run: _Run) -> None:
+    """Train on the epoch's batches from where it stands (a resumed run continues mid-epoch)."""
+    config, state, device = run.config, run.state, run.device
+    run.inputs.train.set_epoch(state.epoch)
+    batches = _epoch_batches(run.inputs.train, config, run.context, state.epoch, state.batches_done)
+    if run.restore_rng:  # after creating the loader iterator, which may draw from the global generator
+        set_rng_state(run.restore_rng)
+        run.restore_rng = None
+    set_train_mode(run.net, run.trainable_from, config.bn_freeze)
+    epoch_started = time.perf_counter() - state.seconds
+    bar = _epoch_bar(run)
+    for index, (images, labels) in enumerate(batches, start=state.batches_done):
+        if index % config.accum_steps == 0 and _out_of_time(run):
+            run.stop_reason = f"time budget of {config.max_minutes:g} min reached"
+            break
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = labels
+        if run.mixer is not None:
+            images, targets = run.mixer(images, labels, state.epoch * run.batches_per_epoch + index)
+        update = (index + 1) % config.accum_steps == 0
+        if update:
+            run.lr = run.schedule.step(state.step, _budget_used(run))
+        try:
+            logits, loss = train_step(run.step, images, targets, update)
+        except NonFiniteLoss as error:
+            bar.close()
+            raise TrainingDiverged(
+                f"the loss became {error.loss} at epoch {state.epoch + 1}, batch {index + 1}; stopped. "
+                f"{_kept_files(run.run_dir)} {ADVICE}"
+            ) from None
+        state.loss_sum += loss.item() * len(labels)
+        state.correct += (logits.argmax(1) == labels).sum().item()
+        state.seen += len(labels)
+        state.seconds = time.perf_counter() - epoch_started
+        if update:
+            _after_update(run, index)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{state.loss_sum / state.seen:.3f}",
+            acc=f"{state.correct / state.seen:.1%}",
+            lr=f"{run.lr:.2e}",
+            img_s=f"{state.seen * run.context.world_size / state.seconds:.1f}",
+        )
+    bar.close()
+    run.step.optimizer.zero_grad(set_to_none=True)  # a partial accumulation at the end of an epoch is dropped
+
+
+def _after_update(run: _Run, index: int) -> None:
+    """After optimizer step: plan the budget's epochs, validate at a --val-at-minutes mark, checkpoint."""
+    state, config = run.state, run.config
+    state.step += 1
+    state.batches_done = index + 1
+    writes = run.context.is_main and run.run_dir
+    run.config = run.budget.after_step(config, run.schedule, run.elapsed(), state.step, writes)
+    if run.pending_checks and _any_process(run.elapsed() >= run.pending_checks[0] * 60, run.context, run.device):
+        run.pending_checks.pop(0)
+        run.curve.append(_mid_epoch_check(run))
+        set_train_mode(run.net, run.trainable_from, config.bn_freeze)
+    if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+        _save_resume_state(run)
+
+
+def _end_epoch(run: _Run, loss_sum: float, correct: float, seen: float) -> None:
+    """Validate, keep the best weights, write the checkpoints and metrics, decide on early stopping;
+    the sums are this epoch's over all processes."""
+    config, state, main, epoch = run.config, run.state, run.context.is_main, run.state.epoch
+    val = evaluate(run.inputs.part(run.eval_net), run.inputs.val, config, run.device, run.step.dtype, run.context)
+    run.schedule.epoch_end(val["acc"] if val else None)
+    done = state.batches_done / run.batches_per_epoch
+    row = {
+        "epoch": epoch + 1 if done >= 1 else round(epoch + done, 3),
+        "train_loss": loss_sum / seen,
+        "train_acc": correct / seen,
+        "val_loss": val["loss"] if val else None,
+        "val_acc": val["acc"] if val else None,
+        "lr": run.lr,
+        "epoch_time_s": state.seconds,
+        "images_per_s": seen / state.seconds,
+    }
+    run.history.append(row)
+    _stop_if_nonfinite(run)  # before best.pt, last.pt and state.pt
+    extra = {"data": config.data, "img_size": run.img_size, "seed": config.seed}
+    if val is None or val["acc"] > state.best_val_acc:
+        state.best_val_acc, state.best_epoch, state.bad_epochs = (val["acc"] if val else -1.0), epoch + 1, 0
+        run.best_weights = _copy_weights(run.eval_net)
+        if main:
+            save_model(run.run_dir / "best.pt", run.eval_net, run.splits.class_names, extra)
+    else:
+        state.bad_epochs += 1
+    if run.stop_reason is None:  # a budget-cut epoch keeps its place and sums for a resume
+        state.epoch += 1
+        state.start_epoch()
+    if main:
+        save_model(run.run_dir / "last.pt", run.eval_net, run.splits.class_names, extra)
+        _save_resume_state(run)
+        write_metrics(run.run_dir / "metrics.csv", run.history)
+        for key, value in row.items() if run.tensorboard else ():
+            if key != "epoch" and value is not None:
+                run.tensorboard.add_scalar(key, value, epoch + 1)
+    log.info(_summary_line(row, config.epochs))
+    if config.patience is not None and val and state.bad_epochs >= config.patience:
+        run.stop_reason = f"early stopping: no better validation accuracy for {config.patience} epoch(s)"
+
+
+def _start(
+    model: str | EfficientNet | None,
+    data: str | DataSplits | None,
+    config: TrainConfig,
+    state: dict[str, Any] | None,
+    run_dir: Path,
+    context: DistContext,
+    device: torch.device,
+) -> _Run:
+    """Data, model, inputs (the feature cache included: the budget pays for it), step, schedule; and
+    with `state`, everything restored to where the run stopped."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
+    config, splits, net = _load(model, data, config, state, run_dir, context, device)
+    img_size = net.pretrained_cfg["input_size"]
+    flip = splits.mirror_safe if config.flip is None else config.flip
+    inputs = TrainingInputs.build(net, splits, img_size, config, device, flip)
+    batches_per_epoch = len(inputs.train) // context.world_size // config.batch_size
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"the training split has {len(inputs.train)} images, fewer than one batch of {config.batch_size} "
+            f"per process; lower --batch-size"
+        )
+    net = _prepare(net, config, device)
+    dtype = autocast_dtype(device, config.precision)
+    lr = config.lr if config.lr is not None else default_lr(config.optimizer, _global_batch(config, context))
+    step = make_step(net, config, lr, dtype, device, any_process=lambda flag: _any_process(flag, context, device))
+    schedule = LRSchedule(step.optimizer, config, lr, batches_per_epoch // config.accum_steps)
+    config, budget = BudgetEpochs.for_run(config, schedule.steps_per_epoch, len(inputs.val or ()), len(inputs.train))
+    run = _Run(
+        config=config,
+        splits=splits,
+        net=net,
+        img_size=img_size,
+        flip=flip,
+        inputs=inputs,
+        step=step,
+        schedule=schedule,
+        budget=budget,
+        mixer=make_batch_mixer(len(splits.class_names), config.mixup, config.cutmix, config.seed),
+        run_dir=run_dir,
+        context=context,
+        device=device,
+        lr=lr,
+        started=started,
+        batches_per_epoch=batches_per_epoch,
+        best_weights=_copy_weights(step.ema.module if step.ema is not None else net),
+        tensorboard=_open_tensorboard(run_dir) if config.tensorboard and context.is_main else None,
+    )
+    if state:
+        _restore(run, state)
+    run.started -= run.state.elapsed_s  # the wall time of the run before this resume counts
+    run.pending_checks = [m for m in config.val_at_minutes if m * 60 > run.state.elapsed_s] if inputs.val else []
+    _log_plan(config, lr, context, dtype)
+    return run
+
+
+def _load(
+    model: str | EfficientNet | None,
+    data: str | DataSplits | None,
+    config: TrainConfig,
+    state: dict[str, Any] | None,
+    run_dir: Path,
+    context: DistContext,
+    device: torch.device,
+) -> tuple[TrainConfig, DataSplits, EfficientNet]:
+    """The data splits and the network, with the config completed from them (and saved)."""
     asked_size = config.img_size
     native_size = _native_size(model, config) if config.finetune == "auto" and not asked_size else None
     config = resolve_auto(config, device, native_size)
     splits = data if isinstance(data, DataSplits) else _load_splits(config)
     net = _build_model(model, config, splits.class_names, state, run_dir)
-    config = replace(config, model=_model_name(net), data=config.data or splits.source)
+    config = replace(config, model=net.config.name, data=config.data or splits.source)
     if context.is_main:
         config.save(run_dir / "config.yaml")
-    img_size = net.pretrained_cfg["input_size"]
     log.info(
         "%s on %s: %d classes, %s train/val/test images; image size %d%s; device %s",
         config.model,
         config.data,
         len(splits.class_names),
         "/".join(str(len(s)) if s is not None else "-" for s in (splits.train, splits.val, splits.test)),
-        img_size,
-        _size_origin(asked_size, img_size, native_size),
+        net.pretrained_cfg["input_size"],
+        _size_origin(asked_size, net.pretrained_cfg["input_size"], native_size),
         device,
     )
+    return config, splits, net
 
-    flip = splits.mirror_safe if config.flip is None else config.flip
-    train_set, val_set, cut = _training_sets(net, splits, img_size, config, device, flip)
-    batches_per_epoch = len(train_set) // context.world_size // config.batch_size
-    if batches_per_epoch == 0:
-        raise ValueError(
-            f"the training split has {len(train_set)} images, fewer than one batch of {config.batch_size} "
-            f"per process; lower --batch-size"
-        )
 
-    # Fusing batch norm with its activation saves training memory at ~10% of the step's speed; the
-    # cached path trains only the small suffix, where speed is what counts.
+def _prepare(net: EfficientNet, config: TrainConfig, device: torch.device) -> EfficientNet:
+    """The network on its device in its memory format. Fusing batch norm with its activation saves
+    training memory at some of the step's speed; the cached path trains only the small suffix,
+    where speed is what counts."""
     net = prepare_model(net, device, config.channels_last, memory_efficient=not config.cache_frozen)
     net.set_grad_checkpointing(config.grad_checkpointing)
     if config.grad_checkpointing and release_freed_memory_eagerly():
         log.info("memory saving: activation checkpointing, and freed blocks returned to the system at once")
-    dtype = autocast_dtype(device, config.precision)
-    ema = _make_ema(net, config.ema_decay) if config.ema else None
-    eval_net = ema.module if ema else net
-    batch = config.batch_size * config.accum_steps * context.world_size
-    lr = config.lr if config.lr is not None else default_lr(config.optimizer, batch)
-    optimizer = build_optimizer(param_groups(net, config), config, lr)
-    schedule = LRSchedule(optimizer, config, lr, batches_per_epoch // config.accum_steps)
-    config, budget = BudgetEpochs.for_run(config, schedule.steps_per_epoch, len(val_set or ()), len(train_set))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    mixer = make_batch_mixer(len(splits.class_names), config.mixup, config.cutmix, config.seed)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    tensorboard = _open_tensorboard(run_dir) if config.tensorboard and context.is_main else None
-    current_lr = lr
-    _log_plan(config, lr, context, dtype)
+    return net
 
-    progress = {"epoch": 0, "batches_done": 0, "step": 0, "best_val_acc": -1.0, "best_epoch": 0, "bad_epochs": 0}
-    progress |= {"elapsed_s": 0.0, "partial": [0.0, 0.0, 0.0, 0.0]}  # loss sum, correct, seen, seconds
-    history: list[dict[str, Any]] = []
-    best_state = {k: v.detach().clone() for k, v in eval_net.state_dict().items()}
-    restore_rng = None
-    if state:
-        # Every process restores the RNG state rank 0 saved: all ranks seed alike and draw alike
-        # (dropout, drop path; data order and augmentation are seeded per epoch and image), so
-        # their generators are equal at any step.
-        for key, component in (("optimizer", optimizer), ("schedule", schedule), ("scaler", scaler), ("ema", ema)):
-            if component is not None:
-                component.load_state_dict(state[key])
-        progress, restore_rng = dict(state["progress"]), state["rng"]
-        history = [row for row in state["history"] if row["epoch"] <= progress["epoch"]]
-        if (run_dir / "best.pt").is_file():
-            best_state = load_model(run_dir / "best.pt")[0].state_dict()
-        log.info("resuming %s at epoch %d, batch %d", run_dir, progress["epoch"] + 1, progress["batches_done"])
 
-    elapsed_before = progress["elapsed_s"]  # wall time of the run before this resume
-    pending_checks = [m for m in config.val_at_minutes if m * 60 > elapsed_before] if val_set else []
-    curve: list[dict[str, float]] = []  # mid-epoch validation (--val-at-minutes), in results.json
+def _restore(run: _Run, saved: dict[str, Any]) -> None:
+    """Continue from `state.pt`. Every process restores the generators rank 0 saved: all ranks seed
+    alike and draw alike (dropout, drop path; data order and augmentation are seeded per epoch and
+    image), so their generators are equal at any step."""
+    step = run.step
+    for key, component in (("optimizer", step.optimizer), ("schedule", run.schedule), ("scaler", step.scaler)):
+        component.load_state_dict(saved[key])
+    if step.ema is not None:
+        step.ema.load_state_dict(saved["ema"])
+    run.state = TrainState.from_dict(saved["progress"])
+    run.restore_rng = saved["rng"]
+    run.history = [row for row in saved["history"] if row["epoch"] <= run.state.epoch]
+    if (run.run_dir / "best.pt").is_file():
+        run.best_weights = load_model(run.run_dir / "best.pt")[0].state_dict()
+    log.info("resuming %s at epoch %d, batch %d", run.run_dir, run.state.epoch + 1, run.state.batches_done)
 
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - started
 
-    def save_resume_state() -> None:
-        _stop_if_nonfinite(run_dir, progress["epoch"], net, ema, optimizer)
-        if context.is_main:
-            progress["elapsed_s"] = elapsed()
-            save_state(
-                run_dir / "state.pt",
-                {
-                    "model_name": config.model,
-                    "model_config": config_to_dict(net.config),
-                    "class_names": list(splits.class_names),
-                    "model": net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "ema": ema.state_dict() if ema else None,
-                    "progress": progress,
-                    "history": history,
-                },
-            )
+def _set_trainable(run: _Run) -> None:
+    """Freeze what the fine-tuning mode leaves frozen in this epoch and, when that changed (the first
+    epoch, a "gradual" unfreeze), choose the stages' precision and rebuild the DDP/compile wrapper."""
+    net, config = run.net, run.config
+    trainable_from = first_trainable_part(net, config, run.state.epoch)
+    if trainable_from == run.trainable_from:
+        return
+    run.trainable_from = trainable_from
+    freeze(net, trainable_from)
+    trained = run.inputs.part(net)
+    set_train_mode(net, trainable_from, config.bn_freeze)
+    _pick_stage_precision(run, trained)
+    run.step.model = _wrap(trained, config, run.context, run.device)
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    log.info("epoch %d: training %s of %s parameters", run.state.epoch + 1, f"{trainable:,}", f"{count_params(net):,}")
 
-    stop_reason, trainable_from, train_model = None, None, net
-    extra = {"data": config.data, "img_size": img_size, "seed": config.seed}
-    while progress["epoch"] < config.epochs and stop_reason is None:
-        epoch = progress["epoch"]
-        if first_trainable_part(net, config, epoch) != trainable_from:  # first epoch, or "gradual" unfreezes
-            trainable_from = first_trainable_part(net, config, epoch)
-            freeze(net, trainable_from)
-            trained = net if cut is None else trainable_suffix(net, cut)
-            set_train_mode(net, trainable_from, config.bn_freeze)
-            _pick_stage_precision(
-                trained, cut, trainable_from, train_set, img_size, config, device, dtype, context, progress
-            )
-            train_model = _wrap(trained, config, context, device)
-            trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-            log.info("epoch %d: training %s of %s parameters", epoch + 1, f"{trainable:,}", f"{count_params(net):,}")
-        train_set.set_epoch(epoch)
-        batches = _epoch_batches(train_set, config, context, epoch, progress["batches_done"])
-        if restore_rng:  # after creating the loader iterator, which may draw from the global generator
-            set_rng_state(restore_rng)
-            restore_rng = None
-        set_train_mode(net, trainable_from, config.bn_freeze)
-        loss_sum, correct, seen, seconds = progress["partial"]
-        tick = time.perf_counter()
-        bar = tqdm(
-            total=batches_per_epoch,
-            initial=progress["batches_done"],
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not config.progress or not context.is_main,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for index, (images, labels) in enumerate(batches, start=progress["batches_done"]):
-            at_step_start = index % config.accum_steps == 0
-            out_of_time = at_step_start and config.max_minutes is not None and elapsed() > config.max_minutes * 60
-            if _any_process(out_of_time, context, device):
-                stop_reason = f"time budget of {config.max_minutes:g} min reached"
-                break
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if config.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            targets = labels
-            if mixer is not None:
-                images, targets = mixer(images, labels, epoch * batches_per_epoch + index)
-            with autocast(device, dtype):
-                logits = train_model(images)
-                loss = criterion(logits.float(), targets)
-            if _any_process(not torch.isfinite(loss).item(), context, device):
-                bar.close()
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, batch {index + 1}; stopped. "
-                    f"{_kept_files(run_dir)} Try a lower --lr, --clip-grad 1.0 or --precision fp32."
-                )
-            scaler.scale(loss / config.accum_steps).backward()
-            loss_sum += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
-            if (index + 1) % config.accum_steps == 0:
-                budget_used = elapsed() / (config.max_minutes * 60) if config.max_minutes else 0.0
-                current_lr = schedule.step(progress["step"], budget_used)
-                if config.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(net.parameters(), config.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema:
-                    ema.update_parameters(net)
-                progress["step"] += 1
-                config = budget.after_step(config, schedule, elapsed(), progress["step"], context.is_main and run_dir)
-                progress["batches_done"] = index + 1
-                if pending_checks and _any_process(elapsed() >= pending_checks[0] * 60, context, device):
-                    pending_checks.pop(0)
-                    curve.append(_mid_epoch_check(eval_net, cut, val_set, config, device, dtype, context, elapsed()))
-                    set_train_mode(net, trainable_from, config.bn_freeze)
-                if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0:
-                    progress["partial"] = [loss_sum, correct, seen, seconds + time.perf_counter() - tick]
-                    save_resume_state()
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss_sum / seen:.3f}",
-                acc=f"{correct / seen:.1%}",
-                lr=f"{current_lr:.2e}",
-                img_s=f"{seen * context.world_size / (seconds + time.perf_counter() - tick):.1f}",
-            )
-        bar.close()
-        optimizer.zero_grad(set_to_none=True)  # a partial accumulation at the end of an epoch is dropped
-        seconds += time.perf_counter() - tick
-        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], context, device)
-        if seen == 0:  # the time budget ran out before this epoch's first batch
-            save_resume_state()
-            break
 
-        val = evaluate(_val_model(eval_net, cut), val_set, config, device, dtype, context) if val_set else None
-        schedule.epoch_end(val["acc"] if val else None)
-        done = progress["batches_done"] / batches_per_epoch
-        row = {
-            "epoch": epoch + 1 if done >= 1 else round(epoch + done, 3),
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
-            "val_loss": val["loss"] if val else None,
-            "val_acc": val["acc"] if val else None,
-            "lr": current_lr,
-            "epoch_time_s": seconds,
-            "images_per_s": seen / seconds,
-        }
-        history.append(row)
-        _stop_if_nonfinite(run_dir, epoch, net, ema, optimizer)  # before best.pt, last.pt and state.pt
-        if val is None or val["acc"] > progress["best_val_acc"]:
-            progress.update(best_val_acc=val["acc"] if val else -1.0, best_epoch=epoch + 1, bad_epochs=0)
-            best_state = {k: v.detach().clone() for k, v in eval_net.state_dict().items()}
-            if context.is_main:
-                save_model(run_dir / "best.pt", eval_net, splits.class_names, extra)
-        else:
-            progress["bad_epochs"] += 1
-        if stop_reason is None:
-            progress.update(epoch=epoch + 1, batches_done=0)
-        progress["partial"] = [0.0, 0.0, 0.0, 0.0] if stop_reason is None else [loss_sum, correct, seen, seconds]
-        if context.is_main:
-            save_model(run_dir / "last.pt", eval_net, splits.class_names, extra)
-            save_resume_state()
-            write_metrics(run_dir / "metrics.csv", history)
-            if tensorboard:
-                for key, value in row.items():
-                    if key != "epoch" and value is not None:
-                        tensorboard.add_scalar(key, value, epoch + 1)
-        log.info(_summary_line(row, config.epochs))
-        if config.patience is not None and val and progress["bad_epochs"] >= config.patience:
-            stop_reason = f"early stopping: no better validation accuracy for {config.patience} epoch(s)"
-    if stop_reason:
-        log.info("stopped: %s", stop_reason)
+def _epoch_totals(run: _Run) -> list[float]:
+    """This epoch's loss sum, correct and seen counts over all processes."""
+    state = run.state
+    return all_reduce_sum([state.loss_sum, state.correct, state.seen], run.context, run.device)
 
-    eval_net.load_state_dict(best_state)
-    test_set = TransformedDataset(splits.test, _eval_transform(net, img_size), config.seed) if splits.test else None
-    tta = flip if config.tta is None else config.tta
-    test = evaluate(eval_net, test_set, config, device, dtype, context, tta=tta)
-    results = {
-        **{f"test_{key}": test[key] if test else None for key in ("acc", "top5", "loss")},
-        **{f"test_{key}_tta": test[f"tta_{key}"] if test and tta else None for key in ("acc", "top5", "loss")},
-        "test_images": test["n"] if test else 0,
-        "best_val_acc": progress["best_val_acc"] if val_set else None,
-        "best_epoch": progress["best_epoch"],
-        "epochs_run": len(history),
-        "stop_reason": stop_reason or "completed",
-        "wall_time_s": elapsed(),
-        "img_size": img_size,
-        "model": config.model,
-        "data": config.data,
-        "params": count_params(eval_net),
-        "images_per_s": history[-1]["images_per_s"] if history else None,
-        "device": str(device),
-        "world_size": context.world_size,
-        "val_at_minutes": curve,
-    }
+
+def _save_resume_state(run: _Run) -> None:
+    _stop_if_nonfinite(run)
+    if not run.context.is_main:
+        return
+    run.state.elapsed_s = run.elapsed()
+    step = run.step
+    save_state(
+        run.run_dir / "state.pt",
+        {
+            "model_name": run.config.model,
+            "model_config": config_to_dict(run.net.config),
+            "class_names": list(run.splits.class_names),
+            "model": run.net.state_dict(),
+            "optimizer": step.optimizer.state_dict(),
+            "schedule": run.schedule.state_dict(),
+            "scaler": step.scaler.state_dict(),
+            "ema": step.ema.state_dict() if step.ema is not None else None,
+            "progress": run.state.to_dict(),
+            "history": run.history,
+        },
+    )
+
+
+def _final_test(run: _Run) -> FitResult:
+    """Test the best weights (with flip TTA where mirror images are of the same class) and write results.json."""
+    config, splits, eval_net = run.config, run.splits, run.eval_net
+    eval_net.load_state_dict(run.best_weights)
+    test_set = (
+        TransformedDataset(splits.test, eval_transform(run.net, run.img_size), config.seed) if splits.test else None
+    )
+    tta = run.flip if config.tta is None else config.tta
+    test = evaluate(eval_net, test_set, config, run.device, run.step.dtype, run.context, tta=tta)
+    results = _results(run, test, tta)
     if test:
         log.info("test accuracy %.2f%% (top-5 %.2f%%) on %d images", 100 * test["acc"], 100 * test["top5"], test["n"])
         if tta:
             log.info("with flip TTA (logits averaged with the mirror image's): %.2f%%", 100 * test["tta_acc"])
-    if context.is_main:
-        write_json(run_dir / "results.json", results)
-        if tensorboard:
-            tensorboard.close()
+    if run.context.is_main:
+        write_json(run.run_dir / "results.json", results)
+        if run.tensorboard:
+            run.tensorboard.close()
         if config.report:
-            _write_report(run_dir, splits)
-        log.info("run folder: %s", run_dir)
-    return FitResult(eval_net, history, results, run_dir)
+            _write_report(run.run_dir, splits)
+        log.info("run folder: %s", run.run_dir)
+    return FitResult(eval_net, run.history, results, run.run_dir)
+
+
+def _results(run: _Run, test: dict[str, float] | None, tta: bool) -> dict[str, Any]:
+    config, history = run.config, run.history
+    return {
+        **{f"test_{key}": test[key] if test else None for key in ("acc", "top5", "loss")},
+        **{f"test_{key}_tta": test[f"tta_{key}"] if test and tta else None for key in ("acc", "top5", "loss")},
+        "test_images": test["n"] if test else 0,
+        "best_val_acc": run.state.best_val_acc if run.inputs.val else None,
+        "best_epoch": run.state.best_epoch,
+        "epochs_run": len(history),
+        "stop_reason": run.stop_reason or "completed",
+        "wall_time_s": run.elapsed(),
+        "img_size": run.img_size,
+        "model": config.model,
+        "data": config.data,
+        "params": count_params(run.eval_net),
+        "images_per_s": history[-1]["images_per_s"] if history else None,
+        "device": str(run.device),
+        "world_size": run.context.world_size,
+        "val_at_minutes": run.curve,
+    }
 
 
 @torch.no_grad()
@@ -446,7 +544,7 @@ def _resolve_config(
         return config, state, run_dir
     config = (config or TrainConfig()).replace(**overrides)
     if model is not None:
-        config = config.replace(model=model if isinstance(model, str) else _model_name(model))
+        config = config.replace(model=model if isinstance(model, str) else model.config.name)
     if isinstance(data, str):
         config = config.replace(data=data)
     if not config.data and not isinstance(data, DataSplits):
@@ -479,10 +577,6 @@ def _load_splits(config: TrainConfig) -> DataSplits:
     )
 
 
-def _model_name(net: EfficientNet) -> str:
-    return getattr(net, "model_name", net.config.name)
-
-
 def _build_model(
     model: str | EfficientNet | None,
     config: TrainConfig,
@@ -496,7 +590,6 @@ def _build_model(
     if state is not None:
         check_compatible(state, model if isinstance(model, str) else state["model_name"], class_names, run_dir)
         net = EfficientNet(config_from_dict(state["model_config"]))
-        net.model_name = state["model_name"]
         net.load_state_dict(state["model"])
         return net
     if isinstance(model, EfficientNet):
@@ -572,39 +665,6 @@ def _run_log(run_dir: Path, context: DistContext) -> Iterator[None]:
         handler.close()
 
 
-def _make_ema(net: EfficientNet, decay: float) -> AveragedModel:
-    """Exponential moving average of weights and BN statistics, with timm's warm-up
-    (decay = min(decay, (1 + n) / (10 + n))) so short runs are not dominated by the start."""
-
-    def update(average: torch.Tensor, current: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        rate = 1 - torch.clamp((1 + count) / (10 + count), max=decay)
-        return average + (current - average) * rate.to(average.dtype) if average.is_floating_point() else current
-
-    return AveragedModel(net, avg_fn=update, use_buffers=True)
-
-
-def _val_model(eval_net: EfficientNet, cut: int | None) -> nn.Module:
-    """The evaluated network, or with cached features its part after the frozen prefix."""
-    return eval_net if cut is None else trainable_suffix(eval_net, cut)
-
-
-def _mid_epoch_check(
-    eval_net: EfficientNet,
-    cut: int | None,
-    val_set: Dataset,
-    config: TrainConfig,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    context: DistContext,
-    seconds: float,
-) -> dict[str, float]:
-    """Validation at a --val-at-minutes mark; the caller puts the network back in training mode."""
-    with torch.random.fork_rng(devices=[]):  # the loader draws a seed: keep the training stream as it was
-        val = evaluate(_val_model(eval_net, cut), val_set, config, device, dtype, context)
-    log.info("at %.1f min: val loss %.4f acc %.2f%%", seconds / 60, val["loss"], 100 * val["acc"])
-    return {"minutes": round(seconds / 60, 2), "val_acc": val["acc"], "val_loss": val["loss"]}
-
-
 def _wrap(net: nn.Module, config: TrainConfig, context: DistContext, device: torch.device) -> nn.Module:
     """DDP (rebuilt whenever the trainable set changes) and torch.compile around the network."""
     model: nn.Module = net
@@ -613,48 +673,90 @@ def _wrap(net: nn.Module, config: TrainConfig, context: DistContext, device: tor
     return torch.compile(model) if config.compile else model
 
 
-def _pick_stage_precision(
-    trained: nn.Module,
-    cut: int | None,
-    trainable_from: int,
-    train_set: Dataset,
-    img_size: int,
-    config: TrainConfig,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    context: DistContext,
-    progress: dict[str, Any],
-) -> None:
+def _pick_stage_precision(run: _Run, trained: nn.Module) -> None:
     """--precision auto under bf16 on a CPU: each stage of `trained` computes in bf16 or fp32, whichever
-    trains it faster here (`runtime.choose_stage_precision`, ~2 training steps' time). The choice
-    is rank 0's under DDP and is kept in the resume state, so a resumed run computes as before.
+    trains it faster here (`runtime.choose_stage_precision`, about two training steps' time). The
+    choice is rank 0's under DDP and is kept in the resume state, so a resumed run computes as before.
     Not with --grad-checkpointing: memory comes first there, and fp32 stages store twice the bytes."""
+    config, device, dtype, context = run.config, run.device, run.step.dtype, run.context
     if not (config.precision == "auto" and device.type == "cpu" and dtype is torch.bfloat16):
         return
     if config.grad_checkpointing:
         return
-    saved = progress.get("stage_precision")
-    if saved and saved["trainable_from"] == trainable_from:
+    saved = run.state.stage_precision
+    if saved and saved["trainable_from"] == run.trainable_from:
         choice = saved["full_precision"]
     else:
-        if config.cache_frozen:  # a batch of stored features, as the loop feeds them
-            example = train_set.features[0, : config.batch_size].float()
-        else:
-            example = torch.randn(config.batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-        if config.channels_last:
-            example = example.contiguous(memory_format=torch.channels_last)
-        task = f"{config.model} from part {trainable_from}{' on cached features' if config.cache_frozen else ''}"
-        choice = choose_stage_precision(trained, example.to(device), dtype, task=task)
+        example = run.inputs.example(config.batch_size, run.img_size, config.channels_last).to(device)
+        task = f"{config.model} from part {run.trainable_from}{' on cached features' if config.cache_frozen else ''}"
+        choice = choose_stage_precision(trained, example, dtype, task=task)
         if context.enabled:  # every process computes as rank 0 does
             ours = [float(full and context.is_main) for full in choice]
             choice = [flag > 0 for flag in all_reduce_sum(ours, context, device)]
-        progress["stage_precision"] = {"trainable_from": trainable_from, "full_precision": choice}
+        run.state.stage_precision = {"trainable_from": run.trainable_from, "full_precision": choice}
     set_stage_precision(trained, choice)
-    first = 1 + (cut or 0)
+    first = run.inputs.first_stage
     log.info(
         "precision by stage, measured here: %s",
         ", ".join(f"{first + i} {'fp32' if full else 'bf16'}" for i, full in enumerate(choice)),
     )
+
+
+def _mid_epoch_check(run: _Run) -> dict[str, float]:
+    """Validation at a --val-at-minutes mark; the caller puts the network back in training mode."""
+    minutes = run.elapsed() / 60
+    with torch.random.fork_rng(devices=[]):  # the loader draws a seed: keep the training stream as it was
+        val = evaluate(
+            run.inputs.part(run.eval_net), run.inputs.val, run.config, run.device, run.step.dtype, run.context
+        )
+    log.info("at %.1f min: val loss %.4f acc %.2f%%", minutes, val["loss"], 100 * val["acc"])
+    return {"minutes": round(minutes, 2), "val_acc": val["acc"], "val_loss": val["loss"]}
+
+
+def _epoch_bar(run: _Run) -> tqdm:
+    return tqdm(
+        total=run.batches_per_epoch,
+        initial=run.state.batches_done,
+        desc=f"epoch {run.state.epoch + 1}/{run.config.epochs}",
+        disable=not run.config.progress or not run.context.is_main,
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def _out_of_time(run: _Run) -> bool:
+    """True in every process once the budget is spent in any (checked at each optimizer step's start)."""
+    spent = run.config.max_minutes is not None and run.elapsed() > run.config.max_minutes * 60
+    return _any_process(spent, run.context, run.device)
+
+
+def _budget_used(run: _Run) -> float:
+    """The fraction of --max-minutes spent (0 without a budget), for time-based schedules."""
+    return run.elapsed() / (run.config.max_minutes * 60) if run.config.max_minutes else 0.0
+
+
+def _global_batch(config: TrainConfig, context: DistContext) -> int:
+    return config.batch_size * config.accum_steps * context.world_size
+
+
+def _copy_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def _stop_if_nonfinite(run: _Run) -> None:
+    """Checked before every checkpoint write: a finite loss can hide NaN BN statistics or weights."""
+    step = run.step
+    state = {
+        "model": run.net.state_dict(),
+        "ema": step.ema.state_dict() if step.ema is not None else None,
+        "optimizer": step.optimizer.state_dict(),
+    }
+    bad = nonfinite_entries(state)
+    if bad:
+        raise TrainingDiverged(
+            f"training diverged in epoch {run.state.epoch + 1}: {len(bad)} weights, statistics or optimizer values "
+            f"are not finite (e.g. {bad[0].rstrip('.')}), so they were not saved. {_kept_files(run.run_dir)} {ADVICE}"
+        )
 
 
 def _log_plan(config: TrainConfig, lr: float, context: DistContext, dtype: torch.dtype | None) -> None:
@@ -709,44 +811,9 @@ def _kept_files(run_dir: Path) -> str:
     return f"{run_dir} keeps the last finite checkpoint ({', '.join(kept)}){resume}."
 
 
-def _stop_if_nonfinite(
-    run_dir: Path, epoch: int, net: nn.Module, ema: AveragedModel | None, optimizer: torch.optim.Optimizer
-) -> None:
-    """Checked before every checkpoint write: a finite loss can hide NaN BN statistics or weights."""
-    state = {"model": net.state_dict(), "ema": ema.state_dict() if ema else None, "optimizer": optimizer.state_dict()}
-    bad = nonfinite_entries(state)
-    if bad:
-        raise TrainingDiverged(
-            f"training diverged in epoch {epoch + 1}: {len(bad)} weights, statistics or optimizer values are not "
-            f"finite (e.g. {bad[0].rstrip('.')}), so they were not saved. {_kept_files(run_dir)} "
-            "Try a lower --lr, --clip-grad 1.0 or --precision fp32."
-        )
-
-
 def _any_process(flag: bool, context: DistContext, device: torch.device) -> bool:
     """True if `flag` holds in any process, so that all of them stop together."""
     return all_reduce_sum([float(flag)], context, device)[0] > 0 if context.enabled else flag
-
-
-def _eval_transform(net: EfficientNet, img_size: int) -> Any:
-    return build_transforms(net.pretrained_cfg, train=False, img_size=img_size)
-
-
-def _training_sets(
-    net: EfficientNet, splits: DataSplits, img_size: int, config: TrainConfig, device: torch.device, flip: bool
-) -> tuple[Dataset, Dataset | None, int | None]:
-    """The training and validation sets the loop reads: augmented images and evaluation-transformed
-    images, or with --cache-frozen the frozen prefix's stored outputs; and the number of frozen
-    stages whose outputs are cached (None without the cache)."""
-    if config.cache_frozen:
-        cut = frozen_stage_count(first_trainable_part(net, config, 0))
-        return (*build_feature_cache(net, cut, splits.train, splits.val, img_size, config, device, flip), cut)
-    train_transform = build_transforms(
-        net.pretrained_cfg, train=True, augment=config.augment, img_size=img_size, flip=flip
-    )
-    train_set = TransformedDataset(splits.train, train_transform, config.seed)
-    val_set = TransformedDataset(splits.val, _eval_transform(net, img_size), config.seed) if splits.val else None
-    return train_set, val_set, None
 
 
 def _summary_line(row: dict[str, Any], epochs: int) -> str:
@@ -768,11 +835,8 @@ def _open_tensorboard(run_dir: Path | None) -> Any:
 def _write_report(run_dir: Path, splits: DataSplits) -> None:
     """report.html from the evaluation layer, if present, on the data already in memory; a failure
     there never loses the run."""
-    try:
-        from effnet.evaluation.report import write_report
-    except ImportError:
-        log.info("no report.html: effnet.evaluation.report is not available")
-        return
+    from effnet.evaluation.report import write_report  # the evaluation layer builds on this one
+
     try:
         log.info("report: %s", write_report(run_dir, data=splits))
     except Exception as error:  # the run's files are complete; the report is a bonus
