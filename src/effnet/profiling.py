@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -146,22 +145,6 @@ def time_inference(
         return time_calls(lambda: model(batch), batch_size, warmup, repeats)
 
 
-def training_step(model: nn.Module, batch_size: int, img_size: int | tuple[int, int]) -> Callable[[], None]:
-    """One plain training step on a random batch: forward in train mode, cross-entropy, backward,
-    SGD-with-momentum update (momentum buffers are part of what training holds in memory)."""
-    batch = random_batch(model, batch_size, img_size)
-    labels = torch.zeros(batch_size, dtype=torch.long, device=batch.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step() -> None:
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(batch), labels).backward()
-        optimizer.step()
-
-    return step
-
-
 def _proc_status_bytes(field: str) -> int | None:
     """A memory field of /proc/self/status (Linux), in bytes; None elsewhere."""
     try:
@@ -209,45 +192,6 @@ def reset_peak_memory(device: torch.device) -> int:
     except OSError:
         current = None
     return current if current is not None else max_rss_bytes()
-
-
-@dataclass
-class MemoryPeaks:
-    """Peak resident memory above the process's footprint before the model was built (bytes)."""
-
-    inference: int
-    training: int
-
-
-def measure_peak_memory(
-    build_model: Callable[[], nn.Module],
-    batch_size: int,
-    img_size: int | tuple[int, int],
-    device: torch.device | None = None,
-    steps: int = 2,
-) -> tuple[nn.Module, MemoryPeaks]:
-    """Peak memory of inference and of training at `batch_size`, weights included.
-
-    Call it in a fresh process (`run_isolated`): memory freed by an earlier model stays in the
-    allocator's caches and would be reused unseen, and without a resettable peak (not Linux, not
-    CUDA) the peak only grows. Inference is measured before training for the same reason. Two
-    training steps, because optimizer state (momentum) appears only after the first. Returns the
-    model for further use in the same process.
-    """
-    device = device or torch.device("cpu")
-    baseline = reset_peak_memory(device)
-    model = build_model()
-    model.eval()
-    batch = random_batch(model, batch_size, img_size)
-    with torch.inference_mode():
-        model(batch)
-    inference = peak_memory_bytes(device) - baseline
-    del batch
-    step = training_step(model, batch_size, img_size)
-    for _ in range(steps):
-        step()
-    model.zero_grad(set_to_none=True)
-    return model, MemoryPeaks(inference=inference, training=peak_memory_bytes(device) - baseline)
 
 
 def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -12,8 +12,17 @@ import torch
 from torch import nn
 
 from effnet.comparison.zoo import build, describe
-from effnet.profiling import count_macs, count_params, measure_peak_memory, run_isolated, time_inference
+from effnet.profiling import (
+    count_macs,
+    count_params,
+    peak_memory_bytes,
+    random_batch,
+    reset_peak_memory,
+    run_isolated,
+    time_inference,
+)
 from effnet.runtime import pick_device, prepare_model
+from effnet.training.step import Step, fixed_batch_step
 
 log = logging.getLogger("effnet")
 MB = 2**20
@@ -69,6 +78,47 @@ def cost_row(name: str, model: nn.Module | None = None) -> CompareRow:
         params=count_params(model),
         macs=count_macs(model, entry.resolution),
     )
+
+
+@dataclass
+class MemoryPeaks:
+    """Peak resident memory above the process's footprint before the model was built (bytes)."""
+
+    inference: int
+    training: int
+
+
+def measure_peak_memory(
+    build_model: Callable[[], nn.Module],
+    batch_size: int,
+    img_size: int | tuple[int, int],
+    device: torch.device | None = None,
+    steps: int = 2,
+) -> tuple[nn.Module, MemoryPeaks]:
+    """Peak memory of inference and of training at `batch_size`, weights included.
+
+    Call it in a fresh process (`run_isolated`): memory freed by an earlier model stays in the
+    allocator's caches and would be reused unseen, and without a resettable peak (not Linux, not
+    CUDA) the peak only grows. Inference is measured before training for the same reason. Two
+    training steps, because optimizer state (momentum) appears only after the first. Returns the
+    model for further use in the same process.
+    """
+    device = device or torch.device("cpu")
+    baseline = reset_peak_memory(device)
+    model = build_model()
+    model.eval()
+    batch = random_batch(model, batch_size, img_size)
+    with torch.inference_mode():
+        model(batch)
+    inference = peak_memory_bytes(device) - baseline
+    del batch
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    step = fixed_batch_step(Step(model, optimizer), batch_size, img_size, num_classes=2)
+    for _ in range(steps):
+        step()
+    model.zero_grad(set_to_none=True)
+    return model, MemoryPeaks(inference=inference, training=peak_memory_bytes(device) - baseline)
 
 
 def measure_model(name: str, batch_size: int, repeats: int, warmup: int, threads: int, device: str) -> CompareRow:

@@ -13,10 +13,11 @@ import torch
 
 from effnet.data import DataSplits
 from effnet.models.efficientnet import EfficientNet
-from effnet.profiling import random_batch, time_calls
+from effnet.profiling import time_calls
 from effnet.search.grid import PAPER_COEFFICIENTS, Coefficients, coefficient_grid, factor_within, spread_subset
 from effnet.search.plan import BASELINE, RUN_OVERHEAD_S, NetworkCost, Recipe, RunSpec, SearchPlan, SearchSettings
 from effnet.search.proxy import Proxy, architecture_key, measure
+from effnet.training.step import Step, fixed_batch_step
 
 log = logging.getLogger("effnet")
 
@@ -185,19 +186,10 @@ def _calibrate(proxy: Proxy, batch_size: int) -> float:
     return time_calls(step, batch_size, warmup=1, repeats=2).images_per_second
 
 
-def _calibration_step(model: EfficientNet, batch_size: int, num_classes: int) -> Callable[[], None]:
-    """One SGD training step on a random batch, the cost a candidate pays per batch. Kept to this
-    one function so the package's single training step can replace it."""
-    images = random_batch(model, batch_size, model.config.preprocess.input_size)
-    labels = torch.randint(0, num_classes, (batch_size,))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-
-    return step
+def _calibration_step(model: EfficientNet, batch_size: int, num_classes: int) -> Callable[[], object]:
+    """One SGD training step on a random batch (the package's one `train_step`), the cost a candidate pays per batch."""
+    step = Step(model.train(), torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    return fixed_batch_step(step, batch_size, model.config.preprocess.input_size, num_classes)
 
 
 def _images_for(minutes: float, ips: float, settings: SearchSettings) -> int:
