@@ -33,9 +33,7 @@ def tiny_model(num_classes: int = len(CLASSES), img_size: int = 32) -> Efficient
         preprocess=dataclasses.replace(base.preprocess, input_size=img_size),
         name="tiny",
     )
-    model = EfficientNet(config)
-    model.model_name = "tiny"
-    return model
+    return EfficientNet(config)
 
 
 def write_folder(root: Path, per_class: dict[str, int], seed: int = 0, size: int = 20) -> Path:

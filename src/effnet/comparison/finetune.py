@@ -60,7 +60,6 @@ class TorchvisionAsEfficientNet(EfficientNet):
         self.config = dataclasses.replace(
             get_config("efficientnet_b0"), name=name, num_classes=last.out_features, preprocess=preprocess
         )
-        self.model_name = name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.stem(x))

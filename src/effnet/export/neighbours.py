@@ -26,7 +26,6 @@ from effnet.models.weights import SAFETENSORS_CONFIG, SAFETENSORS_FILE, WeightsE
 
 HUB_FORMAT = "effnet-safetensors"
 NEIGHBOURS = ("safetensors", "timm", "torchvision")
-_TF_CONVENTIONS = {"padding": "same", "bn_eps": 1e-3}
 
 
 def export_safetensors(
@@ -66,14 +65,13 @@ def load_safetensors(folder: str | Path) -> tuple[EfficientNet, dict[str, Any]]:
     from safetensors.torch import load_file
 
     model = EfficientNet(config_from_dict(meta["config"]))
-    model.model_name = meta.get("model_name", model.config.name)
     model.load_state_dict(load_file(str(folder / SAFETENSORS_FILE)))
     return model.eval(), meta
 
 
 def timm_name(model: EfficientNet) -> str:
     """timm's name for the same network: the `tf_` twin when the model uses TF padding and BN eps."""
-    base = re.sub(r"^tf_", "", getattr(model, "model_name", model.config.name))
+    base = re.sub(r"^tf_", "", model.config.name)
     if not re.fullmatch(r"efficientnet_(b[0-7]|lite[0-4])", base):
         raise ValueError(f"timm has no model for {base} (only efficientnet_b0..b7 and efficientnet_lite0..4)")
     tf = model.config.padding == "same"
@@ -87,7 +85,7 @@ def timm_name(model: EfficientNet) -> str:
 
 def torchvision_name(model: EfficientNet) -> str:
     """torchvision's builder for the same network (B0-B7, symmetric padding, its own BN eps)."""
-    base = re.sub(r"^tf_", "", getattr(model, "model_name", model.config.name))
+    base = re.sub(r"^tf_", "", model.config.name)
     if not re.fullmatch(r"efficientnet_b[0-7]", base):
         raise ValueError(f"torchvision has no model for {base}: only efficientnet_b0..b7 (export to timm instead)")
     eps = 1e-3 if base[-1] in "567" else 1e-5  # torchvision's B5-B7 are TF ports

@@ -31,7 +31,7 @@ METADATA_FILE = "effnet.json"  # TorchScript extra file with the metadata
 def model_metadata(model: nn.Module, class_names: list[str] | None = None, **extra: Any) -> dict[str, Any]:
     """What a consumer of the exported file must know: the input it expects and the labels."""
     return {
-        "model_name": getattr(model, "model_name", model.config.name),
+        "model_name": model.config.name,
         "class_names": list(class_names) if class_names else None,
         "preprocess": model.pretrained_cfg,
         "input": {"name": INPUT_NAME, "layout": "NCHW", "channels": "RGB", "dtype": "float32", "normalised": True},

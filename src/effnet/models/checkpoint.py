@@ -50,7 +50,7 @@ def save_model(
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "model_name": getattr(model, "model_name", model.config.name),
+        "model_name": model.config.name,
         "config": config_to_dict(model.config),
         "class_names": list(class_names) if class_names is not None else None,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -70,7 +70,6 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         )
     config = config_from_dict(meta["config"])
     model = EfficientNet(config)
-    model.model_name = meta.get("model_name", config.name)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

@@ -136,7 +136,7 @@ class MBConv(nn.Module):
     stochastic depth when the block keeps its shape. With `expand_ratio == 1` (MBConv1) the
     expansion is skipped, as in the paper's first stage."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 (the block's arguments of the paper's Table 1, then its layers' constants)
         self,
         in_channels: int,
         out_channels: int,

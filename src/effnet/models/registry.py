@@ -10,7 +10,13 @@ from typing import Any
 
 from effnet.models.efficientnet import EfficientNet
 from effnet.models.scaling import PAPER_ALPHA, PAPER_BETA, PAPER_GAMMA, build_config, compound_scale
-from effnet.models.spec import EFFICIENTNET_COEFFICIENTS, LITE_COEFFICIENTS, ModelConfig, PreprocessConfig
+from effnet.models.spec import (
+    EFFICIENTNET_COEFFICIENTS,
+    LITE_COEFFICIENTS,
+    TF_CONVENTIONS,
+    ModelConfig,
+    PreprocessConfig,
+)
 from effnet.models.weights import (
     classifier_shape,
     convert_state_dict,
@@ -22,7 +28,6 @@ from effnet.models.weights import (
 log = logging.getLogger("effnet")
 
 # TensorFlow ports (timm's `tf_` names): TF 'same' padding and TF batch-norm constants.
-TF_CONVENTIONS: dict[str, Any] = {"padding": "same", "bn_eps": 1e-3, "bn_momentum": 0.01}
 COMPOUND_NAME = "efficientnet"
 
 
@@ -162,7 +167,6 @@ def create_model(
         overrides["drop_path_rate"] = drop_path_rate
     config = get_config(name, num_classes=num_classes, **overrides)
     model = EfficientNet(config)
-    model.model_name = name
     if state is not None:
         load_weights(model, state, fmt)
     return model

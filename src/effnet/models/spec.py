@@ -78,6 +78,11 @@ LITE_COEFFICIENTS: dict[str, tuple[float, float, int, float]] = {
     "efficientnet_lite4": (1.4, 1.8, 300, 0.3),
 }
 
+# TensorFlow's batch-norm constants and "same" padding: weights trained in TF (Google's EfficientNets,
+# their Lite variants, Keras, efficientnet_pytorch's ports) give the same outputs only with them.
+TF_BN: dict[str, float] = {"bn_eps": 1e-3, "bn_momentum": 0.01}
+TF_CONVENTIONS: dict[str, object] = {"padding": "same", **TF_BN}
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # TensorFlow's EfficientNet-Lite inputs: [-1, 1] (timm's `tf_efficientnet_lite*` pretrained_cfg).

@@ -33,6 +33,8 @@ from effnet.models.spec import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LITE_COEFFICIENTS,
+    TF_BN,
+    TF_CONVENTIONS,
     TF_LITE_MEAN,
     TF_LITE_STD,
     PreprocessConfig,
@@ -79,9 +81,9 @@ def source_conventions(fmt: str, model_name: str) -> dict[str, Any]:
     """Architecture settings a format's weights were trained with, which the model must adopt
     for the weights to give the same outputs (BN eps and momentum, TF 'same' padding)."""
     if fmt in ("efficientnet_pytorch", "keras"):  # TensorFlow ports: TF padding, TF batch-norm constants
-        return {"padding": "same", "bn_eps": 1e-3, "bn_momentum": 0.01}
+        return dict(TF_CONVENTIONS)
     if fmt == "torchvision" and re.fullmatch(r"efficientnet_b[5-7]", model_name):
-        return {"bn_eps": 1e-3, "bn_momentum": 0.01}  # torchvision's B5-B7 are TF-trained ports
+        return dict(TF_BN)  # torchvision's B5-B7 are TF-trained ports
     return {}
 
 
@@ -103,64 +105,82 @@ def _module_map(model: EfficientNet, fmt: str) -> dict[str, str]:
     linear layer whose parameters and buffers carry the same suffixes in both layouts."""
     if fmt == "effnet":
         return {name: name for name, m in model.named_modules() if not list(m.children()) and _has_state(m)}
-    table: dict[str, str] = {}
-    if fmt == "torchvision":
-        last_feature = len(model.stages) + 1
-        table |= {"stem.conv": "features.0.0", "stem.bn": "features.0.1"}
-        table |= {"head.conv": f"features.{last_feature}.0", "head.bn": f"features.{last_feature}.1"}
-        table |= {"classifier": "classifier.1"}
-        for s, b, _, block in _blocks(model):
-            theirs, i = f"features.{s + 1}.{b}.block", 0
-            ours = f"stages.{s}.{b}"
-            if block.expand is not None:
-                table |= {f"{ours}.expand.conv": f"{theirs}.0.0", f"{ours}.expand.bn": f"{theirs}.0.1"}
-                i = 1
-            table |= {f"{ours}.depthwise.conv": f"{theirs}.{i}.0", f"{ours}.depthwise.bn": f"{theirs}.{i}.1"}
-            if block.se is not None:
-                table |= {f"{ours}.se.reduce": f"{theirs}.{i + 1}.fc1", f"{ours}.se.expand": f"{theirs}.{i + 1}.fc2"}
-                i += 1
-            table |= {f"{ours}.project.conv": f"{theirs}.{i + 1}.0", f"{ours}.project.bn": f"{theirs}.{i + 1}.1"}
-    elif fmt == "timm":
-        table |= {"stem.conv": "conv_stem", "stem.bn": "bn1", "head.conv": "conv_head", "head.bn": "bn2"}
-        table |= {"classifier": "classifier"}
-        for s, b, _, block in _blocks(model):
-            theirs, ours = f"blocks.{s}.{b}", f"stages.{s}.{b}"
-            if block.expand is not None:  # timm's InvertedResidual
-                table |= {
-                    f"{ours}.expand.conv": f"{theirs}.conv_pw",
-                    f"{ours}.expand.bn": f"{theirs}.bn1",
-                    f"{ours}.depthwise.conv": f"{theirs}.conv_dw",
-                    f"{ours}.depthwise.bn": f"{theirs}.bn2",
-                    f"{ours}.project.conv": f"{theirs}.conv_pwl",
-                    f"{ours}.project.bn": f"{theirs}.bn3",
-                }
-            else:  # timm's DepthwiseSeparableConv
-                table |= {
-                    f"{ours}.depthwise.conv": f"{theirs}.conv_dw",
-                    f"{ours}.depthwise.bn": f"{theirs}.bn1",
-                    f"{ours}.project.conv": f"{theirs}.conv_pw",
-                    f"{ours}.project.bn": f"{theirs}.bn2",
-                }
-            if block.se is not None:
-                table |= {
-                    f"{ours}.se.reduce": f"{theirs}.se.conv_reduce",
-                    f"{ours}.se.expand": f"{theirs}.se.conv_expand",
-                }
-    elif fmt == "efficientnet_pytorch":
-        table |= {"stem.conv": "_conv_stem", "stem.bn": "_bn0", "head.conv": "_conv_head", "head.bn": "_bn1"}
-        table |= {"classifier": "_fc"}
-        for s, b, k, block in _blocks(model):
-            theirs, ours = f"_blocks.{k}", f"stages.{s}.{b}"
-            if block.expand is not None:
-                table |= {f"{ours}.expand.conv": f"{theirs}._expand_conv", f"{ours}.expand.bn": f"{theirs}._bn0"}
-            table |= {f"{ours}.depthwise.conv": f"{theirs}._depthwise_conv", f"{ours}.depthwise.bn": f"{theirs}._bn1"}
-            if block.se is not None:
-                table |= {f"{ours}.se.reduce": f"{theirs}._se_reduce", f"{ours}.se.expand": f"{theirs}._se_expand"}
-            table |= {f"{ours}.project.conv": f"{theirs}._project_conv", f"{ours}.project.bn": f"{theirs}._bn2"}
-    elif fmt == "keras":
-        table |= _keras_module_map(model)
-    else:
+    maps = {
+        "torchvision": _torchvision_module_map,
+        "timm": _timm_module_map,
+        "efficientnet_pytorch": _efficientnet_pytorch_module_map,
+        "keras": _keras_module_map,
+    }
+    if fmt not in maps:
         raise WeightsError(f"unknown weights format {fmt!r}; expected one of {FORMATS}")
+    return maps[fmt](model)
+
+
+def _torchvision_module_map(model: EfficientNet) -> dict[str, str]:
+    """torchvision's `features.<stage>.<block>.block.<layer>` Sequentials (MBConv1 has no expansion layer)."""
+    table: dict[str, str] = {}
+    last_feature = len(model.stages) + 1
+    table |= {"stem.conv": "features.0.0", "stem.bn": "features.0.1"}
+    table |= {"head.conv": f"features.{last_feature}.0", "head.bn": f"features.{last_feature}.1"}
+    table |= {"classifier": "classifier.1"}
+    for s, b, _, block in _blocks(model):
+        theirs, i = f"features.{s + 1}.{b}.block", 0
+        ours = f"stages.{s}.{b}"
+        if block.expand is not None:
+            table |= {f"{ours}.expand.conv": f"{theirs}.0.0", f"{ours}.expand.bn": f"{theirs}.0.1"}
+            i = 1
+        table |= {f"{ours}.depthwise.conv": f"{theirs}.{i}.0", f"{ours}.depthwise.bn": f"{theirs}.{i}.1"}
+        if block.se is not None:
+            table |= {f"{ours}.se.reduce": f"{theirs}.{i + 1}.fc1", f"{ours}.se.expand": f"{theirs}.{i + 1}.fc2"}
+            i += 1
+        table |= {f"{ours}.project.conv": f"{theirs}.{i + 1}.0", f"{ours}.project.bn": f"{theirs}.{i + 1}.1"}
+    return table
+
+
+def _timm_module_map(model: EfficientNet) -> dict[str, str]:
+    """timm's `blocks.<stage>.<block>`: InvertedResidual, or DepthwiseSeparableConv for MBConv1."""
+    table: dict[str, str] = {}
+    table |= {"stem.conv": "conv_stem", "stem.bn": "bn1", "head.conv": "conv_head", "head.bn": "bn2"}
+    table |= {"classifier": "classifier"}
+    for s, b, _, block in _blocks(model):
+        theirs, ours = f"blocks.{s}.{b}", f"stages.{s}.{b}"
+        if block.expand is not None:  # timm's InvertedResidual
+            table |= {
+                f"{ours}.expand.conv": f"{theirs}.conv_pw",
+                f"{ours}.expand.bn": f"{theirs}.bn1",
+                f"{ours}.depthwise.conv": f"{theirs}.conv_dw",
+                f"{ours}.depthwise.bn": f"{theirs}.bn2",
+                f"{ours}.project.conv": f"{theirs}.conv_pwl",
+                f"{ours}.project.bn": f"{theirs}.bn3",
+            }
+        else:  # timm's DepthwiseSeparableConv
+            table |= {
+                f"{ours}.depthwise.conv": f"{theirs}.conv_dw",
+                f"{ours}.depthwise.bn": f"{theirs}.bn1",
+                f"{ours}.project.conv": f"{theirs}.conv_pw",
+                f"{ours}.project.bn": f"{theirs}.bn2",
+            }
+        if block.se is not None:
+            table |= {
+                f"{ours}.se.reduce": f"{theirs}.se.conv_reduce",
+                f"{ours}.se.expand": f"{theirs}.se.conv_expand",
+            }
+    return table
+
+
+def _efficientnet_pytorch_module_map(model: EfficientNet) -> dict[str, str]:
+    """efficientnet_pytorch's flat `_blocks.<k>`, numbered across stages."""
+    table: dict[str, str] = {}
+    table |= {"stem.conv": "_conv_stem", "stem.bn": "_bn0", "head.conv": "_conv_head", "head.bn": "_bn1"}
+    table |= {"classifier": "_fc"}
+    for s, b, k, block in _blocks(model):
+        theirs, ours = f"_blocks.{k}", f"stages.{s}.{b}"
+        if block.expand is not None:
+            table |= {f"{ours}.expand.conv": f"{theirs}._expand_conv", f"{ours}.expand.bn": f"{theirs}._bn0"}
+        table |= {f"{ours}.depthwise.conv": f"{theirs}._depthwise_conv", f"{ours}.depthwise.bn": f"{theirs}._bn1"}
+        if block.se is not None:
+            table |= {f"{ours}.se.reduce": f"{theirs}._se_reduce", f"{ours}.se.expand": f"{theirs}._se_expand"}
+        table |= {f"{ours}.project.conv": f"{theirs}._project_conv", f"{ours}.project.bn": f"{theirs}._bn2"}
     return table
 
 
