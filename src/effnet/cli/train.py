@@ -44,8 +44,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "last.pt, state.pt, results.json, train.log, report.html).",
         argument_default=argparse.SUPPRESS,
     )
+    _data_and_model_options(p.add_argument_group("what to train"))
+    _length_options(p.add_argument_group("how long"))
+    _finetuning_options(p.add_argument_group("fine-tuning"))
+    _pipeline_options(p.add_argument_group("data pipeline"))
+    _device_options(p.add_argument_group("speed and device"))
+    _run_folder_options(p.add_argument_group("run folder"))
+    p.set_defaults(func=cmd_train)
+
+
+def _data_and_model_options(group: argparse._ArgumentGroup) -> None:
     d = DEFAULTS
-    group = p.add_argument_group("what to train")
     group.add_argument("--data", help="digits | cifar10 | cifar100 | flowers102 | FOLDER | ARCHIVE")
     group.add_argument("--model", help=f"a name from `effnet models` (default {d.model})")
     group.add_argument(
@@ -75,7 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     group.add_argument("--drop-path-rate", type=float, help="stochastic depth rate (default: as --drop-rate)")
 
-    group = p.add_argument_group("how long")
+
+def _length_options(group: argparse._ArgumentGroup) -> None:
+    d = DEFAULTS
     group.add_argument(
         "--epochs", type=int, help="default 3; with --max-minutes alone, as many as end the schedule at the budget"
     )
@@ -93,7 +104,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     group.add_argument("--patience", type=int, help="early stopping after N epochs without better val accuracy")
 
-    group = p.add_argument_group("fine-tuning")
+
+def _finetuning_options(group: argparse._ArgumentGroup) -> None:
+    d = DEFAULTS
     group.add_argument(
         "--finetune",
         help="auto | head | last:N | full | gradual (default auto: from pretrained weights on a CPU, last:4 on "
@@ -137,7 +150,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
     group.add_argument("--accum-steps", type=int, help="accumulate gradients over N batches per step")
 
-    group = p.add_argument_group("data pipeline")
+
+def _pipeline_options(group: argparse._ArgumentGroup) -> None:
+    d = DEFAULTS
     group.add_argument(
         "--augment",
         choices=("none", "light", "randaugment", "autoaugment", "trivialaugment"),
@@ -158,7 +173,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--cutmix", type=float, help="CutMix alpha (0 = off)")
     group.add_argument("--workers", type=workers_arg, help="data loader processes (default auto)")
 
-    group = p.add_argument_group("speed and device")
+
+def _device_options(group: argparse._ArgumentGroup) -> None:
+    d = DEFAULTS
     group.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
     group.add_argument("--precision", choices=PRECISIONS, help=f"autocast dtype (default {d.precision})")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="memory format (default on)")
@@ -171,7 +188,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms only")
 
-    group = p.add_argument_group("run folder")
+
+def _run_folder_options(group: argparse._ArgumentGroup) -> None:
+    d = DEFAULTS
     group.add_argument(
         "--config",
         metavar="FILE",
@@ -197,7 +216,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (for log files)")
     group.add_argument("--tensorboard", action="store_true", help="TensorBoard logs in RUN/tensorboard")
     group.add_argument("--report", action=argparse.BooleanOptionalAction, help="write report.html (default on)")
-    p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -421,22 +421,8 @@ def load_image_folder(
     root, folders = find_layout(Path(path).resolve())
     if not folders:
         folders = {"pool": root}
-    first, *others = folders
-    scanned: dict[str, FolderSplit] = {}
     scan = _Scan(root)
-    scanned[first], class_names, ignored = _scan_split(folders[first], None, scan)
-    if len(class_names) < 2:
-        raise ValueError(f"{folders[first]} has only one class folder ({class_names[0]}); a classifier needs two")
-    for name in others:
-        found, _, more = _scan_split(folders[name], class_names, scan)
-        ignored += more
-        if not found.files:
-            logger.warning("%s has no images; it is not used", folders[name])
-            continue
-        scanned[name] = found
-        missing = sorted(set(class_names) - {class_names[i] for i in found.labels})
-        if missing:
-            logger.warning("classes missing from %s (not evaluated there): %s", folders[name], ", ".join(missing))
+    scanned, class_names, ignored = _scan_splits(folders, scan)
     if scan.skipped:
         logger.warning(
             "%d folder(s) or file(s) reached a second time through links were scanned once only (e.g. %s)",
@@ -455,16 +441,43 @@ def load_image_folder(
     bad_list = sorted(bad.items())
     report_bad_images(bad_list, on_bad_image, source)
 
-    if "pool" in splits:
-        train, val, test = carve(splits.pop("pool"), [val_split, val_split], seed)
-    else:
-        train, val, test = splits["train"], splits.get("val"), splits.get("test")
-        if val is None:
-            train, val = carve(train, [val_split], seed)
+    train, val, test = _train_val_test(splits, val_split, seed)
     empty = [class_names[c] for c in range(len(class_names)) if c not in set(train.targets)]
     if empty:
         raise ValueError(f"no usable training images left for classes: {', '.join(empty)}")
     return DataSplits(train, val, test, class_names, source=source, bad_images=bad_list)
+
+
+def _scan_splits(folders: dict[str, Path], scan: _Scan) -> tuple[dict[str, FolderSplit], list[str], list[str]]:
+    """Each split folder's image files; the first split's class folders name the classes."""
+    first, *others = folders
+    scanned: dict[str, FolderSplit] = {}
+    scanned[first], class_names, ignored = _scan_split(folders[first], None, scan)
+    if len(class_names) < 2:
+        raise ValueError(f"{folders[first]} has only one class folder ({class_names[0]}); a classifier needs two")
+    for name in others:
+        found, _, more = _scan_split(folders[name], class_names, scan)
+        ignored += more
+        if not found.files:
+            logger.warning("%s has no images; it is not used", folders[name])
+            continue
+        scanned[name] = found
+        missing = sorted(set(class_names) - {class_names[i] for i in found.labels})
+        if missing:
+            logger.warning("classes missing from %s (not evaluated there): %s", folders[name], ", ".join(missing))
+    return scanned, class_names, ignored
+
+
+def _train_val_test(
+    splits: dict[str, ImageSplit], val_split: float, seed: int
+) -> tuple[ImageSplit, ImageSplit | None, ImageSplit | None]:
+    """A pool is carved into all three; a train folder without a val folder gives up `val_split` of it."""
+    if "pool" in splits:
+        return tuple(carve(splits["pool"], [val_split, val_split], seed))
+    train, val, test = splits["train"], splits.get("val"), splits.get("test")
+    if val is None:
+        train, val = carve(train, [val_split], seed)
+    return train, val, test
 
 
 def carve(split: ImageSplit, fractions: list[float], seed: int) -> list[ImageSplit | None]:
