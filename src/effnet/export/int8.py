@@ -64,6 +64,7 @@ class Int8Report:
     fp32_images_per_s: float
     int8_images_per_s: float
     calibration_images: int
+    weight_bits: int  # 7 on CPUs without VNNI (see quantize_onnx)
     cpu: str
     fp32_file: str = ""
     backend: str = "onnxruntime"
@@ -100,8 +101,15 @@ def calibration_batches(
     return [torch.stack(images[i : i + CALIBRATION_BATCH]).numpy() for i in range(0, len(images), CALIBRATION_BATCH)]
 
 
-def quantize_onnx(fp32: str | Path, output: str | Path, batches: list[np.ndarray]) -> Path:
-    """Static QDQ quantisation of an fp32 ONNX file (see the module docstring for the choices)."""
+def quantize_onnx(
+    fp32: str | Path, output: str | Path, batches: list[np.ndarray], weight_bits: int | None = None
+) -> Path:
+    """Static QDQ quantisation of an fp32 ONNX file (see the module docstring for the choices).
+
+    `weight_bits` 7 (the default on a CPU without VNNI) keeps the weights to 7 bits: without VNNI,
+    ONNX Runtime's uint8 x int8 kernels add pairs of products in 16 bits, which saturate on full-range
+    weights and change predictions (ONNX Runtime's and OpenVINO's documented workaround). With VNNI
+    the dot products are exact, and 8 bits are kept."""
     q = _quantization()
     output = Path(output)
 
@@ -136,9 +144,14 @@ def quantize_onnx(fp32: str | Path, output: str | Path, batches: list[np.ndarray
             activation_type=q.QuantType.QUInt8,
             weight_type=q.QuantType.QInt8,
             calibrate_method=q.CalibrationMethod.MinMax,
+            reduce_range=(weight_bits or default_weight_bits()) == 7,
             extra_options={"CalibStridedMinMax": 1},
         )
     return output
+
+
+def default_weight_bits() -> int:
+    return 8 if has_vnni() else 7
 
 
 def float_ends(path: Path) -> list[str]:
@@ -200,8 +213,15 @@ def export_int8(
     fp32 = output.with_name(fp32_name)
     export_onnx(model, fp32, size, metadata)
     started = time.perf_counter()
-    quantize_onnx(fp32, output, calibration_batches(splits.train, metadata["preprocess"], calibration, size))
-    log.info("quantised to int8 in %.0f s on %d calibration images", time.perf_counter() - started, calibration)
+    bits = default_weight_bits()
+    quantize_onnx(fp32, output, calibration_batches(splits.train, metadata["preprocess"], calibration, size), bits)
+    log.info(
+        "quantised to int8 in %.0f s on %d calibration images; weights in %d bits%s",
+        time.perf_counter() - started,
+        calibration,
+        bits,
+        "" if bits == 8 else " (this CPU has no VNNI, where full-range int8 weights saturate)",
+    )
     engines = {"fp32": OnnxRuntimeEngine(fp32), "int8": OnnxRuntimeEngine(output)}
     fp32_logits, labels = split_logits(engines["fp32"], evaluated, metadata["preprocess"], size)
     int8_logits, _ = split_logits(engines["int8"], evaluated, metadata["preprocess"], size)
@@ -216,6 +236,7 @@ def export_int8(
         fp32_images_per_s=images_per_second(engines["fp32"], size),
         int8_images_per_s=images_per_second(engines["int8"], size),
         calibration_images=min(calibration, len(splits.train)),
+        weight_bits=bits,
         cpu=cpu_name(),
         fp32_file=str(fp32),
     )
@@ -227,11 +248,19 @@ def export_int8(
 
 def cpu_name() -> str:
     """The CPU's model name and its int8-relevant features (VNNI runs uint8 x int8 dot products)."""
+    model, features = _cpu_features()
+    return f"{model} ({', '.join(features) or 'no VNNI'})"
+
+
+def has_vnni() -> bool:
+    return bool(_cpu_features()[1])
+
+
+def _cpu_features() -> tuple[str, list[str]]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "unknown CPU"
+        return "unknown CPU", []
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "CPU")
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    features = [name for name in ("avx512_vnni", "avx_vnni", "amx_int8") if name in flags] or ["no VNNI"]
-    return f"{model} ({', '.join(features)})"
+    return model, [name for name in ("avx512_vnni", "avx_vnni", "amx_int8") if name in flags]
