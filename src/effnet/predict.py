@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from effnet.data import BadImageError, build_transforms, read_rgb
+from effnet.data import BadImageError, build_transforms, flip_tta, read_rgb
 from effnet.data.images import is_image_file
 from effnet.data.splits import hwc_to_chw
 from effnet.inference import Engine
@@ -84,9 +84,7 @@ def predict_files(
         if not batch:
             continue
         images = torch.stack(batch)
-        logits = engine(images).float()
-        if tta:
-            logits = (logits + engine(images.flip(3)).float()) / 2
+        logits = flip_tta(engine, images) if tta else engine(images).float()
         probabilities = logits.softmax(1)
         values, indices = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
         for name, row_values, row_indices in zip(names, values.tolist(), indices.tolist(), strict=True):

@@ -7,7 +7,7 @@ from effnet.data.loading import TransformedDataset, make_loader
 from effnet.data.mixing import BatchMixer, make_batch_mixer
 from effnet.data.sources import NAMED_DATASETS, load_data
 from effnet.data.splits import DataSplits, ImageSplit, stratified_split
-from effnet.data.transforms import AUGMENT_PRESETS, build_transforms
+from effnet.data.transforms import AUGMENT_PRESETS, build_transforms, flip_tta
 
 __all__ = [
     "AUGMENT_PRESETS",
@@ -19,6 +19,7 @@ __all__ = [
     "TransformedDataset",
     "build_transforms",
     "extract_archive",
+    "flip_tta",
     "load_data",
     "load_image_folder",
     "make_batch_mixer",

@@ -12,7 +12,7 @@ A `.tar`, `.tar.gz`/`.tgz` or `.zip` of such a tree is extracted once, safely, i
 Decoding: a folder whose images fit in `max_memory_bytes` as uint8 RGB (1 GiB by default: CIFAR-10's
 60,000 32x32 images take 184 MB) is decoded once into memory, and the decoded arrays are cached in
 `data_dir/decoded/` keyed by every file's path, size and mtime, so the next run loads them in a few
-seconds (CIFAR-10: 2.7 s instead of 5 CPU seconds of decoding, 16-54 s on a busy 2-core machine).
+seconds instead of decoding every JPEG again.
 Larger folders are validated up front (every file decoded at reduced JPEG scale) and decoded lazily in
 loader workers.
 """
@@ -263,8 +263,8 @@ ImageStore = torch.Tensor | list[torch.Tensor]
 def _decode_all(files: list[str], max_bytes: int) -> tuple[list[np.ndarray] | None, dict[str, str]]:
     """Decode every file in order (HxWx3 arrays); give up (None) once the total exceeds `max_bytes`.
 
-    Sequential on purpose: two processes decoded CIFAR's small JPEGs only 1.1x faster on this shared
-    2-core machine, and the decoded cache makes every later run fast anyway.
+    Sequential on purpose: small JPEGs decode barely faster in two processes on a small machine, and
+    the decoded cache makes every later run fast anyway.
     """
     arrays: list[np.ndarray] = []
     bad: dict[str, str] = {}

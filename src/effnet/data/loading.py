@@ -64,7 +64,7 @@ class TransformedDataset(Dataset):
 @contextmanager
 def single_threaded():
     """Run torch ops on one thread. Per-image ops and batch collation are small: splitting them over the
-    threads the model also uses made in-process loading 35x slower on 2 busy cores (see README "Data")."""
+    threads the model also uses made in-process loading many times slower on a busy small machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

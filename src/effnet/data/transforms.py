@@ -124,3 +124,13 @@ def build_transforms(
             v2.Normalize(mean=list(preprocess["mean"]), std=list(preprocess["std"])),
         ]
     )
+
+
+def flip_tta(
+    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, logits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Flip test-time augmentation: the mean of the logits of each image (N, C, H, W) and of its
+    mirror image, the one definition every evaluator uses (`fit`'s test, `effnet eval`, `predict`).
+    `logits`: the images' own, when already computed."""
+    own = forward(images) if logits is None else logits
+    return (own.float() + forward(images.flip(3)).float()) / 2

@@ -13,7 +13,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from effnet.data import DataSplits, ImageSplit, TransformedDataset, build_transforms, load_data, make_loader
+from effnet.data import (
+    DataSplits,
+    ImageSplit,
+    TransformedDataset,
+    build_transforms,
+    flip_tta,
+    load_data,
+    make_loader,
+)
 from effnet.evaluation.metrics import classification_metrics, per_sample_loss, softmax
 from effnet.evaluation.plots import (
     class_order,
@@ -53,9 +61,7 @@ def predict_split(
     loader = make_loader(TransformedDataset(split, transform), batch_size, shuffle=False, seed=0)
     logits, targets = [], []
     for images, labels in tqdm(loader, desc="eval", leave=False, disable=None):
-        output = engine(images)
-        if tta:
-            output = (output + engine(torch.flip(images, dims=[3]))) / 2
+        output = flip_tta(engine, images) if tta else engine(images)
         logits.append(output.float().numpy())
         targets.append(np.asarray(labels))
     return np.concatenate(logits), np.concatenate(targets)

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from effnet.data import DataSplits, TransformedDataset, load_data, make_batch_mixer, make_loader
+from effnet.data import DataSplits, TransformedDataset, flip_tta, load_data, make_batch_mixer, make_loader
 from effnet.models.checkpoint import config_from_dict, config_to_dict, load_model, save_model
 from effnet.models.efficientnet import EfficientNet
 from effnet.models.registry import create_model, get_config
@@ -510,7 +510,7 @@ def evaluate(
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
             logits = model(images).float()
-            views = [(1, logits)] + ([(4, (logits + model(images.flip(3)).float()) / 2)] if tta else [])
+            views = [(1, logits)] + ([(4, flip_tta(model, images, logits))] if tta else [])
         sums[0] += len(labels)
         for offset, scores in views:
             ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices
