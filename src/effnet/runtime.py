@@ -288,10 +288,9 @@ def choose_stage_precision(
     suffix of one), whether it should compute in full precision inside a `dtype` autocast region:
     True when its training step measured faster in fp32 than under `dtype` by more than `margin`.
 
-    Why measure: on this project's 2-core AVX-512 BF16 CPU (no AMX), with aten's depthwise backward
-    pass, B0's training step at 224 px was faster under bf16 overall, yet its stages 3-6 (28x28 and
-    below) ran forward and backward up to 2x faster in fp32, and Lite0's cached suffix (stages 4-7 at
-    12x12) 1.6x. Which way each stage goes depends on the CPU's kernels (and on our own depthwise
+    Why measure: on a CPU with native bf16 but no AMX, a whole training step can be faster under
+    bf16 while its low-resolution stages (28x28 and below) run forward and backward faster in fp32
+    (figures in benchmarks/README.md). Which way each stage goes depends on the CPU's kernels (and on our own depthwise
     backward, `models.depthwise`, which narrowed the gap), so it is timed here, on `example` (a
     real-sized input batch of `model`) and on a copy of `model`, whose running statistics and
     gradients are thrown away: trainable stages forward and backward, frozen ones forward only.

@@ -1,10 +1,9 @@
 """Depthwise convolution with a backward pass that is fast on CPUs.
 
-Profiling B0's training step on this project's CPU (2-core AVX-512 BF16, torch 2.14.1, oneDNN)
-showed the depthwise convolutions' backward pass taking over half the step, 10-60x their forward
-pass: the input gradient of a strided depthwise convolution (124 ms against a 2 ms forward for
-144 channels at 56x56, 5x5, bf16) and the weight gradient of 5x5 kernels in bf16 (53-67 ms against
-11-25 ms in fp32). Both have cheap equivalents:
+Profiling B0's training step on a CPU with native bf16 (oneDNN through aten) showed the depthwise
+convolutions' backward pass taking over half the step, an order of magnitude more than their forward
+pass: the input gradient of a strided depthwise convolution, and the weight gradient of 5x5 kernels
+in bf16 (per-layer figures in benchmarks/README.md). Both have cheap equivalents:
 
 * the input gradient is the *forward* depthwise convolution of the output gradient with the kernel
   rotated by 180 degrees; with stride s, s^2 such convolutions, one per phase of the input grid,
