@@ -85,3 +85,25 @@ def test_plan_waits_for_the_probe_and_is_saved(tmp_path: Path) -> None:
     saved = TrainConfig.load(tmp_path / "config.yaml")
     assert saved.epochs == 5  # a resumed run keeps the plan: its schedule is built from it
     assert _schedule(saved, 50).total_steps == schedule.total_steps
+
+
+def test_a_validation_between_probe_steps_does_not_count_as_training() -> None:
+    """A --val-at-minutes pass inside the probe made one CIFAR-10 run plan 1 epoch instead of 2: the
+    engine restarts the timing after it, so the step time is that of training steps (2 s here) and
+    only the 60 s the pass took come off the budget."""
+    plans = {}
+    for restart in (False, True):
+        config = TrainConfig(max_minutes=10)
+        schedule = _schedule(config, 50)
+        config, budget = BudgetEpochs.for_run(config, 50, val_items=0, train_items=1000)
+        clock = 100.0
+        for step in range(1, 3 * BUDGET_PROBE_STEPS):
+            clock += 2.0
+            config = budget.after_step(config, schedule, clock, step)
+            if step == 5:  # after this step, a 60 s validation
+                clock += 60.0
+                if restart:
+                    budget.restart_timing()
+        plans[restart] = config.epochs
+    # (600 - 100 - 60) s of 2 s steps from the first: 4.4 epochs of 100 s -> 4; timed with the pass, 5 s a step.
+    assert plans == {False: 1, True: 4}

@@ -225,6 +225,7 @@ def _after_update(run: _Run, index: int) -> None:
     if run.pending_checks and _any_process(run.elapsed() >= run.pending_checks[0] * 60, run.context, run.device):
         run.pending_checks.pop(0)
         run.curve.append(_mid_epoch_check(run))
+        run.budget.restart_timing()
         set_train_mode(run.net, run.trainable_from, config.bn_freeze)
     if config.checkpoint_every and state.step % config.checkpoint_every == 0:
         _save_resume_state(run)
@@ -326,7 +327,7 @@ def _start(
     if state:
         _restore(run, state)
     run.started -= run.state.elapsed_s  # the wall time of the run before this resume counts
-    run.pending_checks = [m for m in config.val_at_minutes if m * 60 > run.state.elapsed_s] if inputs.val else []
+    run.pending_checks = _pending_checks(run)
     _log_plan(config, lr, context, dtype)
     return run
 
@@ -700,6 +701,16 @@ def _pick_stage_precision(run: _Run, trained: nn.Module) -> None:
         "precision by stage, measured here: %s",
         ", ".join(f"{first + i} {'fp32' if full else 'bf16'}" for i, full in enumerate(choice)),
     )
+
+
+def _pending_checks(run: _Run) -> list[float]:
+    """The --val-at-minutes marks still ahead; those the setup (the feature cache) or the run before
+    a resume already passed are skipped, not all validated at once at the first step."""
+    marks = run.config.val_at_minutes if run.inputs.val else []
+    passed = [m for m in marks if m * 60 <= run.elapsed()]
+    if passed:
+        log.info("validation marks at %s min passed before training (re)started: skipped", passed)
+    return [m for m in marks if m * 60 > run.elapsed()]
 
 
 def _mid_epoch_check(run: _Run) -> dict[str, float]:

@@ -119,6 +119,11 @@ class BudgetEpochs:
         planner = cls(config.max_minutes * 60 if planned else None, steps_per_epoch, share)
         return config.replace(epochs=config.epochs or DEFAULT_EPOCHS), planner
 
+    def restart_timing(self) -> None:
+        """Forget the steps timed so far: something other than training ran between them (a
+        --val-at-minutes validation), and the plan must rest on the cost of training steps alone."""
+        self._start = None
+
     def after_step(
         self, config: TrainConfig, schedule: LRSchedule, elapsed_s: float, step: int, run_dir: Path | bool = False
     ) -> TrainConfig:
