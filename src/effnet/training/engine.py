@@ -328,7 +328,7 @@ def _start(
         _restore(run, state)
     run.started -= run.state.elapsed_s  # the wall time of the run before this resume counts
     run.pending_checks = _pending_checks(run)
-    _log_plan(config, lr, context, dtype)
+    _log_plan(config, lr, context, dtype, planned=budget.budget_s is not None and budget.chosen is None)
     return run
 
 
@@ -770,7 +770,11 @@ def _stop_if_nonfinite(run: _Run) -> None:
         )
 
 
-def _log_plan(config: TrainConfig, lr: float, context: DistContext, dtype: torch.dtype | None) -> None:
+def _log_plan(config: TrainConfig, lr: float, context: DistContext, dtype: torch.dtype | None, planned: bool) -> None:
+    """One line with what the run will do; `planned`: the epochs are still to be chosen from the step time."""
+    length = f"{config.epochs} epoch(s)" + (f" or {config.max_minutes:g} min" if config.max_minutes else "")
+    if planned:
+        length = f"as many epochs as fit {config.max_minutes:g} min (planned after the first steps)"
     log.info(
         "fine-tuning %s with %s lr %.3g (%s schedule), batch %d x %d step(s) x %d process(es), %s, precision %s%s",
         config.finetune,
@@ -780,7 +784,7 @@ def _log_plan(config: TrainConfig, lr: float, context: DistContext, dtype: torch
         config.batch_size,
         config.accum_steps,
         context.world_size,
-        f"{config.epochs} epoch(s)" + (f" or {config.max_minutes:g} min" if config.max_minutes else ""),
+        length,
         DTYPE_NAMES[dtype],
         ", channels_last" if config.channels_last else "",
     )
