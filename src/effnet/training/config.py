@@ -21,6 +21,7 @@ BN_FREEZE = ("auto", "on", "off")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+AUTO_MODEL = "auto"  # model: the offline backbone expected to do best in max_minutes (training/backbone.py)
 MIN_IMG_SIZE = 32  # the network's total stride: below it the last stages see less than a pixel
 
 
@@ -173,8 +174,19 @@ class TrainConfig:
             raise ConfigError(f"workers must be 'auto' or a number of processes >= 0, got {self.workers!r}")
         if self.cache_frozen:
             self._validate_cache_frozen()
+        if self.model == AUTO_MODEL:
+            self._validate_auto_model()
         for minutes in self.val_at_minutes:
             POSITIVE.check("val_at_minutes", minutes)
+
+    def _validate_auto_model(self) -> None:
+        """`--model auto` chooses for a budget among offline ImageNet weights (training/backbone.py)."""
+        if self.max_minutes is None:
+            raise ConfigError("--model auto chooses a backbone for a time budget: give --max-minutes too")
+        if not isinstance(self.pretrained, bool):
+            raise ConfigError("--model auto picks among the installed ImageNet weights: drop the --pretrained file")
+        if self.finetune != "auto" or self.img_size is not None:
+            raise ConfigError("--model auto chooses for the CPU recipe: drop --finetune and --img-size, or name one")
 
     def _validate_cache_frozen(self) -> None:
         mode, count = parse_finetune(self.finetune)

@@ -40,6 +40,7 @@ from effnet.runtime import (
     release_freed_memory_eagerly,
     set_stage_precision,
 )
+from effnet.training.backbone import choose_backbone
 from effnet.training.checkpoint import (
     RUN_FILES,
     TrainState,
@@ -51,7 +52,7 @@ from effnet.training.checkpoint import (
     write_json,
     write_metrics,
 )
-from effnet.training.config import TrainConfig, default_lr
+from effnet.training.config import AUTO_MODEL, ConfigError, TrainConfig, default_lr
 from effnet.training.distributed import DistContext, all_reduce_sum, init_distributed, shutdown
 from effnet.training.finetune import first_trainable_part, freeze, resolve_auto, set_train_mode
 from effnet.training.inputs import TrainingInputs, eval_transform
@@ -288,7 +289,7 @@ def _start(
     torch.manual_seed(config.seed)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
-    config, splits, net = _load(model, data, config, state, run_dir, context, device)
+    config, splits, net = _load(model, data, config, state, run_dir, context, device, started)
     img_size = net.pretrained_cfg["input_size"]
     flip = splits.mirror_safe if config.flip is None else config.flip
     inputs = TrainingInputs.build(net, splits, img_size, config, device, flip)
@@ -340,12 +341,20 @@ def _load(
     run_dir: Path,
     context: DistContext,
     device: torch.device,
+    started: float,
 ) -> tuple[TrainConfig, DataSplits, EfficientNet]:
-    """The data splits and the network, with the config completed from them (and saved)."""
+    """The data splits and the network, with the config completed from them (and saved); `started`:
+    when the budget's clock started (`--model auto` chooses for what is left of it)."""
+    splits = data if isinstance(data, DataSplits) else _load_splits(config)
+    if (model or config.model) == AUTO_MODEL and state is None:
+        if context.enabled:
+            raise ConfigError("--model auto measures in one process: under torchrun name the model it chose alone")
+        budget_s = config.max_minutes * 60 - (time.perf_counter() - started)
+        model = choose_backbone(config, splits, device, budget_s)
+        config = config.replace(model=model, pretrained=True)
     asked_size = config.img_size
     native_size = _native_size(model, config) if config.finetune == "auto" and not asked_size else None
     config = resolve_auto(config, device, native_size)
-    splits = data if isinstance(data, DataSplits) else _load_splits(config)
     net = _build_model(model, config, splits.class_names, state, run_dir)
     config = replace(config, model=net.config.name, data=config.data or splits.source)
     if context.is_main:
