@@ -39,6 +39,11 @@ NO_DROP = {"drop_rate": 0.0, "drop_path_rate": 0.0}
 RECIPES: dict[str, dict] = {
     "default": {},
     "default-10ep": {"epochs": 10},
+    # `--model auto`: the strongest installed offline Lite (0-2) whose measured costs leave 3 epochs.
+    "auto": {"model": "auto"},
+    # Two stored views (the image and its mirror) instead of four: where the cache is dear (AVX2: a quarter of
+    # 45 minutes for four views), half the caching time goes to training epochs instead.
+    "default-2views": {"cache_views": 2},
     # The default at the model's own resolution: 1.36x the pixels of 192 per step and per cached view.
     "default-224": {"epochs": 8, "img_size": 224},
     # Session 5's default: the served features as stored, not shifted (the default shifts by up to 2 cells of the
@@ -82,11 +87,12 @@ def main() -> None:
     device = pick_device("auto")
     print(f"setup: {machine_description()}, {os.cpu_count()} cores")
     print(f"device {device}, threads {torch.get_num_threads()}, default autocast {autocast_dtype(device, 'auto')}")
-    print(f"data {args.data}; model efficientnet_lite0 (offline ImageNet weights); budget {args.minutes:g} min")
+    print(f"data {args.data}; offline ImageNet weights (Lite0 unless the recipe says); budget {args.minutes:g} min")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     summary = {}
     for name in args.recipes.split(","):
         overrides = RECIPES[name] | ({"epochs": args.epochs} if args.epochs else {}) | {"seed": args.seed}
+        model = overrides.pop("model", "efficientnet_lite0")
         marks = [float(m) for m in args.val_at_minutes.split(",") if m and float(m) < args.minutes]
         config = effnet.TrainConfig(
             pretrained=True,
@@ -97,9 +103,9 @@ def main() -> None:
             report=False,  # report.html evaluates the test set again: not part of what is measured
         )
         config = config.replace(output=str(Path(args.output) / f"{name}-{stamp}"), **overrides)
-        print(f"\n== recipe {name}: {overrides or 'effnet train defaults'}")
+        print(f"\n== recipe {name}: {model}, {overrides or 'effnet train defaults'}")
         started = time.perf_counter()
-        result = effnet.fit("efficientnet_lite0", args.data, config)
+        result = effnet.fit(model, args.data, config)
         wall = time.perf_counter() - started
         minutes, curve = 0.0, []
         for row in result.history:
@@ -108,7 +114,8 @@ def main() -> None:
         results = result.results
         tta = results["test_acc_tta"]
         print(
-            f"recipe {name}: test accuracy {results['test_acc']:.2%} (top-5 {results['test_top5']:.2%}) on "
+            f"recipe {name} ({result.model.config.name}): test accuracy {results['test_acc']:.2%} "
+            f"(top-5 {results['test_top5']:.2%}) on "
             f"{results['test_images']} images at {results['img_size']}px"
             + (f", {tta:.2%} with flip TTA" if tta is not None else "")
             + f"; training {minutes:.1f} min, wall {wall / 60:.1f} min with evaluation; "

@@ -45,14 +45,16 @@ def test_auto_model_settings_that_cannot_work_are_refused_before_any_work(option
         TrainConfig(model="auto", **options).validate()
 
 
-def test_measured_costs_are_positive_and_grow_with_the_backbone(image_folder):
+def test_costs_are_timed_for_the_cheapest_and_scaled_for_the_others(image_folder, caplog):
+    caplog.set_level(logging.INFO, logger="effnet")
     splits = load_data(str(image_folder), val_split=0.25)
     config = TrainConfig(model="auto", max_minutes=5)
-    costs = [backbone.measure_cost(name, config, splits, torch.device("cpu")) for name in LITE[:2]]
-    assert [c.img_size for c in costs] == [192, 208]  # 6/7 of the models' 224 and 240
-    assert all(c.fixed_s > 0 and c.epoch_s > 0 for c in costs)
-    # Lite1 has about 1.7x Lite0's multiply-adds at these sizes: its run must be timed as dearer.
-    assert costs[1].fixed_s + costs[1].epoch_s > costs[0].fixed_s + costs[0].epoch_s
+    lite0, lite1 = backbone.estimate_costs(list(LITE[:2]), config, splits, torch.device("cpu"))
+    assert "timing efficientnet_lite0 on your images; efficientnet_lite1 scaled" in caplog.text
+    assert (lite0.img_size, lite1.img_size) == (192, 208)  # 6/7 of the models' 224 and 240
+    assert lite0.fixed_s > 0 and lite0.epoch_s > 0
+    # Lite1 at 208 px does 1.5-2x Lite0's multiply-adds at 192, in the prefix and in the rest alike.
+    assert 1.3 < lite1.fixed_s / lite0.fixed_s < 2.5 and 1.3 < lite1.epoch_s / lite0.epoch_s < 2.5
 
 
 def test_fit_auto_trains_the_chosen_backbone_and_records_it(image_folder, fast_options, monkeypatch, caplog):
@@ -61,7 +63,7 @@ def test_fit_auto_trains_the_chosen_backbone_and_records_it(image_folder, fast_o
     caplog.set_level(logging.INFO, logger="effnet")
     costs = {"efficientnet_lite0": (75.1, 1.0, 1.0), "efficientnet_lite1": (76.7, 1.0, 1e6)}
     monkeypatch.setattr(backbone, "offline_sources", lambda: dict.fromkeys(costs))
-    monkeypatch.setattr(backbone, "measure_cost", lambda name, *_: cost(name, *costs[name]))
+    monkeypatch.setattr(backbone, "estimate_costs", lambda names, *_: [cost(name, *costs[name]) for name in names])
     options = {k: v for k, v in fast_options.items() if k not in ("img_size",)}
     result = fit("auto", str(image_folder), **options | {"max_minutes": 5, "batch_size": 8})
     assert result.model.config.name == "efficientnet_lite0"

@@ -19,7 +19,7 @@ import importlib.util
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,15 +106,11 @@ def _module_map(model: EfficientNet, fmt: str) -> dict[str, str]:
     linear layer whose parameters and buffers carry the same suffixes in both layouts."""
     if fmt == "effnet":
         return {name: name for name, m in model.named_modules() if not list(m.children()) and _has_state(m)}
-    maps = {
-        "torchvision": _torchvision_module_map,
-        "timm": _timm_module_map,
-        "efficientnet_pytorch": _efficientnet_pytorch_module_map,
-        "keras": _keras_module_map,
-    }
-    if fmt not in maps:
+    if fmt == "torchvision":
+        return _torchvision_module_map(model)
+    if fmt not in LAYOUTS:
         raise WeightsError(f"unknown weights format {fmt!r}; expected one of {FORMATS}")
-    return maps[fmt](model)
+    return _layout_module_map(model, fmt)
 
 
 def _torchvision_module_map(model: EfficientNet) -> dict[str, str]:
@@ -138,67 +134,72 @@ def _torchvision_module_map(model: EfficientNet) -> dict[str, str]:
     return table
 
 
-def _timm_module_map(model: EfficientNet) -> dict[str, str]:
-    """timm's `blocks.<stage>.<block>`: InvertedResidual, or DepthwiseSeparableConv for MBConv1."""
-    table: dict[str, str] = {}
-    table |= {"stem.conv": "conv_stem", "stem.bn": "bn1", "head.conv": "conv_head", "head.bn": "bn2"}
-    table |= {"classifier": "classifier"}
-    for s, b, _, block in _blocks(model):
-        theirs, ours = f"blocks.{s}.{b}", f"stages.{s}.{b}"
-        if block.expand is not None:  # timm's InvertedResidual
-            table |= {
-                f"{ours}.expand.conv": f"{theirs}.conv_pw",
-                f"{ours}.expand.bn": f"{theirs}.bn1",
-                f"{ours}.depthwise.conv": f"{theirs}.conv_dw",
-                f"{ours}.depthwise.bn": f"{theirs}.bn2",
-                f"{ours}.project.conv": f"{theirs}.conv_pwl",
-                f"{ours}.project.bn": f"{theirs}.bn3",
-            }
-        else:  # timm's DepthwiseSeparableConv
-            table |= {
-                f"{ours}.depthwise.conv": f"{theirs}.conv_dw",
-                f"{ours}.depthwise.bn": f"{theirs}.bn1",
-                f"{ours}.project.conv": f"{theirs}.conv_pw",
-                f"{ours}.project.bn": f"{theirs}.bn2",
-            }
-        if block.se is not None:
-            table |= {
-                f"{ours}.se.reduce": f"{theirs}.se.conv_reduce",
-                f"{ours}.se.expand": f"{theirs}.se.conv_expand",
-            }
-    return table
+@dataclass(frozen=True)
+class _Layout:
+    """A format whose blocks are named by position and whose layers by role: the top-level names
+    (stem, head, classifier),
+    a block's prefix from (stage, index in stage, index in the network), and each of our layers'
+    name after that prefix, for blocks with and without an expansion layer (MBConv1)."""
+
+    top: dict[str, str]
+    block: Callable[[int, int, int], str]
+    expanded: dict[str, str]
+    unexpanded: dict[str, str]
 
 
-def _efficientnet_pytorch_module_map(model: EfficientNet) -> dict[str, str]:
-    """efficientnet_pytorch's flat `_blocks.<k>`, numbered across stages."""
-    table: dict[str, str] = {}
-    table |= {"stem.conv": "_conv_stem", "stem.bn": "_bn0", "head.conv": "_conv_head", "head.bn": "_bn1"}
-    table |= {"classifier": "_fc"}
+def _roles(
+    expand: tuple[str, str] | None, depthwise: tuple[str, str], se: tuple[str, str], project: tuple[str, str]
+) -> dict[str, str]:
+    """Our layer roles -> their names, from each layer's (conv, bn) pair and SE's (reduce, expand)."""
+    table = {} if expand is None else {"expand.conv": expand[0], "expand.bn": expand[1]}
+    table |= {"depthwise.conv": depthwise[0], "depthwise.bn": depthwise[1]}
+    table |= {"se.reduce": se[0], "se.expand": se[1]}
+    return table | {"project.conv": project[0], "project.bn": project[1]}
+
+
+_TIMM_SE = ("se.conv_reduce", "se.conv_expand")
+_EP_LAYERS = {"depthwise": ("_depthwise_conv", "_bn1"), "se": ("_se_reduce", "_se_expand")}
+_EP_LAYERS |= {"project": ("_project_conv", "_bn2")}
+_KERAS_LAYERS = {"depthwise": ("dwconv", "bn"), "se": ("se_reduce", "se_expand")}
+_KERAS_LAYERS |= {"project": ("project_conv", "project_bn")}
+LAYOUTS: dict[str, _Layout] = {
+    # timm's `blocks.<stage>.<block>`: InvertedResidual, or DepthwiseSeparableConv for MBConv1.
+    "timm": _Layout(
+        top={"stem.conv": "conv_stem", "stem.bn": "bn1", "head.conv": "conv_head", "head.bn": "bn2"}
+        | {"classifier": "classifier"},
+        block=lambda s, b, _: f"blocks.{s}.{b}.",
+        expanded=_roles(("conv_pw", "bn1"), ("conv_dw", "bn2"), _TIMM_SE, ("conv_pwl", "bn3")),
+        unexpanded=_roles(None, ("conv_dw", "bn1"), _TIMM_SE, ("conv_pw", "bn2")),
+    ),
+    # efficientnet_pytorch's flat `_blocks.<k>`, numbered across stages.
+    "efficientnet_pytorch": _Layout(
+        top={"stem.conv": "_conv_stem", "stem.bn": "_bn0", "head.conv": "_conv_head", "head.bn": "_bn1"}
+        | {"classifier": "_fc"},
+        block=lambda _s, _b, k: f"_blocks.{k}.",
+        expanded=_roles(("_expand_conv", "_bn0"), **_EP_LAYERS),
+        unexpanded=_roles(None, **_EP_LAYERS),
+    ),
+    # Keras: `block<stage + 1><letter of the block>_<layer>` (block2a_expand_conv), the depthwise BN
+    # plain `bn`; the classifier `predictions` (models/keras.py files a fine-tuned head under it too).
+    "keras": _Layout(
+        top={"stem.conv": "stem_conv", "stem.bn": "stem_bn", "head.conv": "top_conv", "head.bn": "top_bn"}
+        | {"classifier": "predictions"},
+        block=lambda s, b, _: f"block{s + 1}{chr(ord('a') + b)}_",
+        expanded=_roles(("expand_conv", "expand_bn"), **_KERAS_LAYERS),
+        unexpanded=_roles(None, **_KERAS_LAYERS),
+    ),
+}
+
+
+def _layout_module_map(model: EfficientNet, fmt: str) -> dict[str, str]:
+    layout = LAYOUTS[fmt]
+    table = dict(layout.top)
     for s, b, k, block in _blocks(model):
-        theirs, ours = f"_blocks.{k}", f"stages.{s}.{b}"
-        if block.expand is not None:
-            table |= {f"{ours}.expand.conv": f"{theirs}._expand_conv", f"{ours}.expand.bn": f"{theirs}._bn0"}
-        table |= {f"{ours}.depthwise.conv": f"{theirs}._depthwise_conv", f"{ours}.depthwise.bn": f"{theirs}._bn1"}
-        if block.se is not None:
-            table |= {f"{ours}.se.reduce": f"{theirs}._se_reduce", f"{ours}.se.expand": f"{theirs}._se_expand"}
-        table |= {f"{ours}.project.conv": f"{theirs}._project_conv", f"{ours}.project.bn": f"{theirs}._bn2"}
-    return table
-
-
-def _keras_module_map(model: EfficientNet) -> dict[str, str]:
-    """Keras names layers `block<stage + 1><letter of the block>_<layer>` (block2a_expand_conv) and
-    calls the depthwise BN plain `bn`; its classifier is `predictions` (models/keras.py files a
-    fine-tuned head under that name too)."""
-    table = {"stem.conv": "stem_conv", "stem.bn": "stem_bn", "head.conv": "top_conv", "head.bn": "top_bn"}
-    table |= {"classifier": "predictions"}
-    for s, b, _, block in _blocks(model):
-        theirs, ours = f"block{s + 1}{chr(ord('a') + b)}_", f"stages.{s}.{b}"
-        if block.expand is not None:
-            table |= {f"{ours}.expand.conv": f"{theirs}expand_conv", f"{ours}.expand.bn": f"{theirs}expand_bn"}
-        table |= {f"{ours}.depthwise.conv": f"{theirs}dwconv", f"{ours}.depthwise.bn": f"{theirs}bn"}
-        if block.se is not None:
-            table |= {f"{ours}.se.reduce": f"{theirs}se_reduce", f"{ours}.se.expand": f"{theirs}se_expand"}
-        table |= {f"{ours}.project.conv": f"{theirs}project_conv", f"{ours}.project.bn": f"{theirs}project_bn"}
+        layers = layout.expanded if block.expand is not None else layout.unexpanded
+        theirs = layout.block(s, b, k)
+        for role, name in layers.items():
+            if block.se is not None or not role.startswith("se."):
+                table[f"stages.{s}.{b}.{role}"] = theirs + name
     return table
 
 

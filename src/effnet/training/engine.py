@@ -78,6 +78,18 @@ class FitResult:
     run_dir: Path | None
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What `fit` was asked to train, on what, and where: fixed for the whole run."""
+
+    model: str | EfficientNet | None  # a name, a module, or None for the config's (or resumed run's) own
+    data: str | DataSplits | None
+    state: dict[str, Any] | None  # the resume state, None for a new run
+    run_dir: Path
+    context: DistContext
+    device: torch.device
+
+
 @dataclass
 class _Run:
     """Everything one `fit` works with, built by `_start`; the loop reads and updates it."""
@@ -138,22 +150,14 @@ def fit(
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         with _run_log(run_dir, context):
-            return _train(model, data, config, state, run_dir, context, device)
+            return _train(_Job(model, data, state, run_dir, context, device), config)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         shutdown(context)
 
 
-def _train(
-    model: str | EfficientNet | None,
-    data: str | DataSplits | None,
-    config: TrainConfig,
-    state: dict[str, Any] | None,
-    run_dir: Path,
-    context: DistContext,
-    device: torch.device,
-) -> FitResult:
-    run = _start(model, data, config, state, run_dir, context, device)
+def _train(job: _Job, config: TrainConfig) -> FitResult:
+    run = _start(job, config)
     while run.state.epoch < run.config.epochs and run.stop_reason is None:
         _set_trainable(run)
         _run_epoch(run)
@@ -274,22 +278,15 @@ def _end_epoch(run: _Run, loss_sum: float, correct: float, seen: float) -> None:
         run.stop_reason = f"early stopping: no better validation accuracy for {config.patience} epoch(s)"
 
 
-def _start(
-    model: str | EfficientNet | None,
-    data: str | DataSplits | None,
-    config: TrainConfig,
-    state: dict[str, Any] | None,
-    run_dir: Path,
-    context: DistContext,
-    device: torch.device,
-) -> _Run:
+def _start(job: _Job, config: TrainConfig) -> _Run:
     """Data, model, inputs (the feature cache included: the budget pays for it), step, schedule; and
-    with `state`, everything restored to where the run stopped."""
+    with a resume state, everything restored to where the run stopped."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
-    config, splits, net = _load(model, data, config, state, run_dir, context, device, started)
+    config, splits, net = _load(job, config, started)
+    context, device, run_dir = job.context, job.device, job.run_dir
     img_size = net.pretrained_cfg["input_size"]
     flip = splits.mirror_safe if config.flip is None else config.flip
     inputs = TrainingInputs.build(net, splits, img_size, config, device, flip)
@@ -325,29 +322,21 @@ def _start(
         best_weights=_copy_weights(step.ema.module if step.ema is not None else net),
         tensorboard=_open_tensorboard(run_dir) if config.tensorboard and context.is_main else None,
     )
-    if state:
-        _restore(run, state)
+    if job.state:
+        _restore(run, job.state)
     run.started -= run.state.elapsed_s  # the wall time of the run before this resume counts
     run.pending_checks = _pending_checks(run)
     _log_plan(config, lr, context, dtype, planned=budget.budget_s is not None and budget.chosen is None)
     return run
 
 
-def _load(
-    model: str | EfficientNet | None,
-    data: str | DataSplits | None,
-    config: TrainConfig,
-    state: dict[str, Any] | None,
-    run_dir: Path,
-    context: DistContext,
-    device: torch.device,
-    started: float,
-) -> tuple[TrainConfig, DataSplits, EfficientNet]:
+def _load(job: _Job, config: TrainConfig, started: float) -> tuple[TrainConfig, DataSplits, EfficientNet]:
     """The data splits and the network, with the config completed from them (and saved); `started`:
     when the budget's clock started (`--model auto` chooses for what is left of it)."""
+    model, data, device = job.model, job.data, job.device
     splits = data if isinstance(data, DataSplits) else _load_splits(config)
-    if (model or config.model) == AUTO_MODEL and state is None:
-        if context.enabled:
+    if (model or config.model) == AUTO_MODEL and job.state is None:
+        if job.context.enabled:
             raise ConfigError("--model auto measures in one process: under torchrun name the model it chose alone")
         budget_s = config.max_minutes * 60 - (time.perf_counter() - started)
         model = choose_backbone(config, splits, device, budget_s)
@@ -355,10 +344,10 @@ def _load(
     asked_size = config.img_size
     native_size = _native_size(model, config) if config.finetune == "auto" and not asked_size else None
     config = resolve_auto(config, device, native_size)
-    net = _build_model(model, config, splits.class_names, state, run_dir)
+    net = _build_model(model, config, splits.class_names, job.state, job.run_dir)
     config = replace(config, model=net.config.name, data=config.data or splits.source)
-    if context.is_main:
-        config.save(run_dir / "config.yaml")
+    if job.context.is_main:
+        config.save(job.run_dir / "config.yaml")
     log.info(
         "%s on %s: %d classes, %s train/val/test images; image size %d%s; device %s",
         config.model,
