@@ -157,6 +157,11 @@ def _roles(
     return table | {"project.conv": project[0], "project.bn": project[1]}
 
 
+def _top(stem_conv: str, stem_bn: str, head_conv: str, head_bn: str, classifier: str) -> dict[str, str]:
+    names = {"stem.conv": stem_conv, "stem.bn": stem_bn, "head.conv": head_conv, "head.bn": head_bn}
+    return names | {"classifier": classifier}
+
+
 _TIMM_SE = ("se.conv_reduce", "se.conv_expand")
 _EP_LAYERS = {"depthwise": ("_depthwise_conv", "_bn1"), "se": ("_se_reduce", "_se_expand")}
 _EP_LAYERS |= {"project": ("_project_conv", "_bn2")}
@@ -165,16 +170,14 @@ _KERAS_LAYERS |= {"project": ("project_conv", "project_bn")}
 LAYOUTS: dict[str, _Layout] = {
     # timm's `blocks.<stage>.<block>`: InvertedResidual, or DepthwiseSeparableConv for MBConv1.
     "timm": _Layout(
-        top={"stem.conv": "conv_stem", "stem.bn": "bn1", "head.conv": "conv_head", "head.bn": "bn2"}
-        | {"classifier": "classifier"},
+        top=_top("conv_stem", "bn1", "conv_head", "bn2", "classifier"),
         block=lambda s, b, _: f"blocks.{s}.{b}.",
         expanded=_roles(("conv_pw", "bn1"), ("conv_dw", "bn2"), _TIMM_SE, ("conv_pwl", "bn3")),
         unexpanded=_roles(None, ("conv_dw", "bn1"), _TIMM_SE, ("conv_pw", "bn2")),
     ),
     # efficientnet_pytorch's flat `_blocks.<k>`, numbered across stages.
     "efficientnet_pytorch": _Layout(
-        top={"stem.conv": "_conv_stem", "stem.bn": "_bn0", "head.conv": "_conv_head", "head.bn": "_bn1"}
-        | {"classifier": "_fc"},
+        top=_top("_conv_stem", "_bn0", "_conv_head", "_bn1", "_fc"),
         block=lambda _s, _b, k: f"_blocks.{k}.",
         expanded=_roles(("_expand_conv", "_bn0"), **_EP_LAYERS),
         unexpanded=_roles(None, **_EP_LAYERS),
@@ -182,8 +185,7 @@ LAYOUTS: dict[str, _Layout] = {
     # Keras: `block<stage + 1><letter of the block>_<layer>` (block2a_expand_conv), the depthwise BN
     # plain `bn`; the classifier `predictions` (models/keras.py files a fine-tuned head under it too).
     "keras": _Layout(
-        top={"stem.conv": "stem_conv", "stem.bn": "stem_bn", "head.conv": "top_conv", "head.bn": "top_bn"}
-        | {"classifier": "predictions"},
+        top=_top("stem_conv", "stem_bn", "top_conv", "top_bn", "predictions"),
         block=lambda s, b, _: f"block{s + 1}{chr(ord('a') + b)}_",
         expanded=_roles(("expand_conv", "expand_bn"), **_KERAS_LAYERS),
         unexpanded=_roles(None, **_KERAS_LAYERS),
