@@ -113,9 +113,8 @@ def estimate_costs(
     names: list[str], config: TrainConfig, splits: DataSplits, device: torch.device
 ) -> list[BackboneCost]:
     """Each candidate's cost: the cheapest timed here, the others scaled from it by their
-    multiply-adds (prefix and rest apart), which within one family of blocks track the time; timing
-    each would take as long again per candidate, the first steps of a network being several times
-    slower than its steady state."""
+    multiply-adds (prefix and rest apart), which track the time within one family of blocks. Timing
+    every candidate would cost each several slow warm-up steps before a steady one."""
     recipes = {name: _recipe(name, config, device) for name in names}
     macs = {name: _macs(name, recipe) for name, recipe in recipes.items()}
     reference = min(names, key=lambda name: sum(macs[name]))
@@ -173,8 +172,9 @@ def measure_units(name: str, recipe: TrainConfig, splits: DataSplits, device: to
         if recipe.channels_last:
             features = features.contiguous(memory_format=torch.channels_last)
     features = features[: recipe.batch_size]  # a step at the run's batch: per-image costs grow with it
-    freeze(net, first_trainable_part(net, recipe, 0))
-    set_train_mode(net, first_trainable_part(net, recipe, 0), recipe.bn_freeze)
+    trainable_from = first_trainable_part(net, recipe, 0)
+    freeze(net, trainable_from)
+    set_train_mode(net, trainable_from, recipe.bn_freeze)
     dtype = autocast_dtype(device, recipe.precision)
     step = make_step(net, recipe, default_lr(recipe.optimizer, len(features)), dtype, device, model=suffix)
     labels = torch.arange(len(features), device=device) % len(splits.class_names)
