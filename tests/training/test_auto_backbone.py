@@ -49,7 +49,8 @@ def test_costs_are_timed_for_the_cheapest_and_scaled_for_the_others(image_folder
     caplog.set_level(logging.INFO, logger="effnet")
     splits = load_data(str(image_folder), val_split=0.25)
     config = TrainConfig(model="auto", max_minutes=5)
-    lite0, lite1 = backbone.estimate_costs(list(LITE[:2]), config, splits, torch.device("cpu"))
+    sources = {name: backbone.offline_sources()[name] for name in LITE[:2]}
+    lite0, lite1 = backbone.estimate_costs(sources, config, splits, torch.device("cpu"))
     assert "timing efficientnet_lite0 on your images; efficientnet_lite1 scaled" in caplog.text
     assert (lite0.img_size, lite1.img_size) == (192, 208)  # 6/7 of the models' 224 and 240
     assert lite0.fixed_s > 0 and lite0.epoch_s > 0

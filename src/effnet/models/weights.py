@@ -137,9 +137,9 @@ def _torchvision_module_map(model: EfficientNet) -> dict[str, str]:
 @dataclass(frozen=True)
 class _Layout:
     """A format whose blocks are named by position and whose layers by role: the top-level names
-    (stem, head, classifier),
-    a block's prefix from (stage, index in stage, index in the network), and each of our layers'
-    name after that prefix, for blocks with and without an expansion layer (MBConv1)."""
+    (stem, head, classifier), a block's prefix from (stage, index in stage, index in the network),
+    and each of our layers' name after that prefix, for blocks with and without an expansion layer
+    (MBConv1)."""
 
     top: dict[str, str]
     block: Callable[[int, int, int], str]
@@ -356,7 +356,7 @@ class WeightSource:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     note: str = ""
     extra: dict[str, str] = field(default_factory=dict)
-    imagenet_top1: float | None = None  # as published for these weights (224-class ranking, `--model auto`)
+    imagenet_top1: float | None = None  # as published for these weights; ranks backbones for `--model auto`
 
 
 def _imagenet(size: int, crop_pct: float, interpolation: str = "bicubic") -> PreprocessConfig:

