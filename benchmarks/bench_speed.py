@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from effnet import benchmark
+from effnet import benchmark, runtime
 from effnet.benchmark import Setting
 from effnet.profiling import Timing
 
@@ -114,6 +114,7 @@ def main() -> None:
         settings = [setting for setting in SETTINGS if setting.label in args.settings.split(",")]
     rounds = args.rounds or (3 if args.quick else 5)
     modes = args.modes.split(",")
+    runtime.keep_freed_memory()  # as every `effnet` command does; the peers in this process gain alike
     print(benchmark.machine_description())
     print(f"rounds {rounds} (alternating, after 2 warm-up calls each); images/s are medians")
     results: dict[str, dict] = {}

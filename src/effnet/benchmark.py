@@ -275,5 +275,5 @@ def machine_description() -> str:
     ]
     return (
         f"{runtime.cpu_info().describe()}{' (emulated: ' + ' '.join(emulated) + ')' if emulated else ''}, "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
+        f"torch {torch.__version__}, Python {platform.python_version()}, {runtime.malloc_state()}"
     )

@@ -221,7 +221,48 @@ def _best_seconds(call: Callable[[], object], rounds: int) -> float:
     return best
 
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number (malloc.h)
+# glibc mallopt parameter numbers (malloc.h) and the defaults eager release restores.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_DEFAULT_MMAP_MAX = 65536
+MALLOC_ENV = "EFFNET_MALLOC"  # "system": leave glibc's malloc as it is (no `keep_freed_memory`)
+_KEEP_TRIM_THRESHOLD = 2**31 - 1  # bytes; the largest the int argument takes: in effect never trim
+_malloc_state = "malloc as the system set it"
+
+
+def malloc_state() -> str:
+    """How this process's malloc treats freed blocks, for benchmark setups: it changes every speed."""
+    return _malloc_state
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Apply glibc mallopt settings; False (nothing changed) off Linux or without glibc's mallopt."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(bool(libc.mallopt(parameter, int(value))) for parameter, value in settings)
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks for reuse instead of returning them to the system;
+    True if it took. Called by `effnet`'s commands and by `fit` (not with --grad-checkpointing).
+
+    By default glibc serves every block above 32 MiB (and smaller ones, early on) by mmap and
+    unmaps it on free, and trims the heap's free top: each training step's activations, gradients
+    and each inference batch's buffers are then faulted in page by page anew. On the 2-core VMs
+    this project is measured on a page fault costs microseconds, and a B0 training step spent most
+    of its time in them (benchmarks/README.md: about 4x the step time, peers alike). Serving all
+    blocks from the heap and never trimming it keeps the pages mapped; the price is resident memory
+    that stays at the run's peak. `EFFNET_MALLOC=system` leaves malloc alone."""
+    global _malloc_state
+    if os.environ.get(MALLOC_ENV, "").strip().lower() == "system":
+        return False
+    kept = _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD))
+    if kept:
+        _malloc_state = "malloc keeps freed blocks (effnet's default)"
+    return kept
 
 
 def release_freed_memory_eagerly(threshold_bytes: int = 128 * 1024) -> bool:
@@ -232,14 +273,16 @@ def release_freed_memory_eagerly(threshold_bytes: int = 128 * 1024) -> bool:
     holes keep the process's resident memory at its worst step's fragmentation. A fixed threshold
     serves every block above it by mmap and unmaps it on free. Measured (B0 224 px batch 32, two
     SGD steps, peak RSS; benchmarks/README.md): with --grad-checkpointing 856 -> 563 MiB, at the
-    price of page faults on every large allocation. A no-op (False) off glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
-    except (OSError, AttributeError):  # musl and others have no mallopt
-        return False
+    price of page faults on every large allocation. Undoes `keep_freed_memory`. A no-op (False)
+    off glibc."""
+    global _malloc_state
+    threshold = int(threshold_bytes)
+    released = _mallopt(
+        (_M_MMAP_MAX, _DEFAULT_MMAP_MAX), (_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, 2 * threshold)
+    )
+    if released:
+        _malloc_state = f"malloc unmaps freed blocks above {threshold >> 10} KiB"
+    return released
 
 
 @contextlib.contextmanager

@@ -1,10 +1,15 @@
-"""`runtime.release_freed_memory_eagerly` (part of `--grad-checkpointing`): tensors of a few MiB are
+"""glibc malloc settings, checked in fresh processes through glibc's and the kernel's own counters.
+
+`runtime.release_freed_memory_eagerly` (part of `--grad-checkpointing`): tensors of a few MiB are
 mapped on their own, so freeing one returns its pages to the system, instead of coming from the heap
-whose holes stay resident. Checked through glibc's own counters (mallinfo2), in fresh processes."""
+whose holes stay resident (mallinfo2). `runtime.keep_freed_memory` (every other run): a large block
+freed and allocated again reuses pages already mapped, instead of faulting in each page anew
+(the process's minor page faults)."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 import sys
 
@@ -47,3 +52,40 @@ def _mapped_blocks(mode: str) -> int:
 def test_freed_blocks_are_returned_to_the_system():
     assert _mapped_blocks("default") < 8  # glibc's dynamic threshold: from the heap
     assert _mapped_blocks("eager") >= 64  # each mapped on its own, unmapped when freed
+
+
+# Allocates, fills and frees a 64 MiB tensor (16,384 pages of 4 KiB) twice, and prints the minor page
+# faults of the second round: glibc's default unmaps such a block on free, so each round faults anew.
+REUSE_SCRIPT = """
+import resource, sys, torch
+from effnet.runtime import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2):
+    before = faults()
+    block = torch.ones(64 << 20, dtype=torch.uint8)
+    del block
+print(faults() - before)
+"""
+
+
+def _reuse_faults(mode: str, env: dict[str, str] | None = None) -> int:
+    run = subprocess.run(
+        [sys.executable, "-c", REUSE_SCRIPT, mode], capture_output=True, text=True, check=True, env=env
+    )
+    return int(run.stdout.strip())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_kept_blocks_are_reused_without_page_faults():
+    assert _reuse_faults("default") > 10_000  # unmapped on free: the 16,384 pages faulted in again
+    assert _reuse_faults("keep") < 1_000  # the same pages, still mapped
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_can_be_turned_off():
+    env = os.environ | {"EFFNET_MALLOC": "system"}
+    with pytest.raises(subprocess.CalledProcessError):  # keep_freed_memory() declines: the assert fails
+        _reuse_faults("keep", env)

@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from effnet.runtime import keep_freed_memory  # torch with it: after parsing, so --help stays quick
+
+    keep_freed_memory()  # every command allocates and frees large tensors in a loop
     try:
         return int(args.func(args) or 0)
     except Exception as error:

@@ -32,9 +32,11 @@ from effnet.models.registry import create_model, get_config
 from effnet.paths import runs_dir
 from effnet.profiling import count_params
 from effnet.runtime import (
+    MALLOC_ENV,
     autocast,
     autocast_dtype,
     choose_stage_precision,
+    keep_freed_memory,
     pick_device,
     prepare_model,
     release_freed_memory_eagerly,
@@ -285,6 +287,8 @@ def _start(job: _Job, config: TrainConfig) -> _Run:
     torch.manual_seed(config.seed)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
+    if not config.grad_checkpointing and keep_freed_memory():  # before the feature cache, which gains too
+        log.info("memory: freed blocks kept for reuse, not faulted in anew each step (%s=system: not)", MALLOC_ENV)
     config, splits, net = _load(job, config, started)
     context, device, run_dir = job.context, job.device, job.run_dir
     img_size = net.pretrained_cfg["input_size"]
