@@ -8,6 +8,7 @@ multiply-adds).
 
 from __future__ import annotations
 
+import os
 import pickle
 import statistics
 import subprocess
@@ -220,7 +221,11 @@ def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def _run_job(job: str, result: str) -> None:
-    """The child's side of `run_isolated`."""
+    """The child's side of `run_isolated`: malloc as the parent set it, then the call."""
+    from effnet.runtime import MALLOC_ENV, keep_freed_memory
+
+    if os.environ.get(MALLOC_ENV) == "keep":
+        keep_freed_memory()
     fn, args, kwargs = pickle.loads(Path(job).read_bytes())
     try:
         outcome = (True, fn(*args, **kwargs))

@@ -224,7 +224,7 @@ def _best_seconds(call: Callable[[], object], rounds: int) -> float:
 # glibc mallopt parameter numbers (malloc.h) and the defaults eager release restores.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _DEFAULT_MMAP_MAX = 65536
-MALLOC_ENV = "EFFNET_MALLOC"  # "system": leave glibc's malloc as it is (no `keep_freed_memory`)
+MALLOC_ENV = "EFFNET_MALLOC"  # "system": leave glibc's malloc as it is; "keep": set by keep_freed_memory
 _KEEP_TRIM_THRESHOLD = 2**31 - 1  # bytes; the largest the int argument takes: in effect never trim
 _malloc_state = "malloc as the system set it"
 
@@ -255,13 +255,15 @@ def keep_freed_memory() -> bool:
     this project is measured on a page fault costs microseconds, and a B0 training step spent most
     of its time in them (benchmarks/README.md: about 4x the step time, peers alike). Serving all
     blocks from the heap and never trimming it keeps the pages mapped; the price is resident memory
-    that stays at the run's peak. `EFFNET_MALLOC=system` leaves malloc alone."""
+    that stays at the run's peak. `EFFNET_MALLOC=system` leaves malloc alone; otherwise it is set to
+    "keep", so that measuring processes started from this one (`profiling.run_isolated`) do the same."""
     global _malloc_state
     if os.environ.get(MALLOC_ENV, "").strip().lower() == "system":
         return False
     kept = _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD))
     if kept:
         _malloc_state = "malloc keeps freed blocks (effnet's default)"
+        os.environ[MALLOC_ENV] = "keep"
     return kept
 
 

@@ -54,8 +54,10 @@ def test_freed_blocks_are_returned_to_the_system():
     assert _mapped_blocks("eager") >= 64  # each mapped on its own, unmapped when freed
 
 
-# Allocates, fills and frees a 64 MiB tensor (16,384 pages of 4 KiB) twice, and prints the minor page
-# faults of the second round: glibc's default unmaps such a block on free, so each round faults anew.
+# Allocates, fills and frees a 64 MiB tensor (16,384 pages of 4 KiB) six times and prints the fewest minor
+# page faults of a round after the first: glibc's default unmaps such a block on free, so every round faults
+# anew. Kept, a round may still miss the freed block (an aligned request a few bytes larger than the hole
+# the last one left), but within a few rounds one reuses it whole.
 REUSE_SCRIPT = """
 import resource, sys, torch
 from effnet.runtime import keep_freed_memory
@@ -63,11 +65,13 @@ if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(2):
+counts = []
+for _ in range(6):
     before = faults()
     block = torch.ones(64 << 20, dtype=torch.uint8)
     del block
-print(faults() - before)
+    counts.append(faults() - before)
+print(min(counts[1:]))
 """
 
 
@@ -80,8 +84,8 @@ def _reuse_faults(mode: str, env: dict[str, str] | None = None) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_kept_blocks_are_reused_without_page_faults():
-    assert _reuse_faults("default") > 10_000  # unmapped on free: the 16,384 pages faulted in again
-    assert _reuse_faults("keep") < 1_000  # the same pages, still mapped
+    assert _reuse_faults("default") > 10_000  # unmapped on free: the 16,384 pages faulted in each round
+    assert _reuse_faults("keep") < 1_000  # a round on the same pages, still mapped
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -89,3 +93,18 @@ def test_keep_freed_memory_can_be_turned_off():
     env = os.environ | {"EFFNET_MALLOC": "system"}
     with pytest.raises(subprocess.CalledProcessError):  # keep_freed_memory() declines: the assert fails
         _reuse_faults("keep", env)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_measuring_processes_keep_freed_memory_like_their_parent():
+    script = (
+        "from effnet import profiling, runtime\n"
+        "print(profiling.run_isolated(runtime.malloc_state))\n"
+        "runtime.keep_freed_memory()\n"
+        "print(profiling.run_isolated(runtime.malloc_state))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "EFFNET_MALLOC"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    before, after = run.stdout.splitlines()
+    assert "system" in before
+    assert "keeps freed blocks" in after
