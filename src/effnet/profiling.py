@@ -8,7 +8,6 @@ multiply-adds).
 
 from __future__ import annotations
 
-import os
 import pickle
 import statistics
 import subprocess
@@ -222,10 +221,9 @@ def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 def _run_job(job: str, result: str) -> None:
     """The child's side of `run_isolated`: malloc as the parent set it, then the call."""
-    from effnet.runtime import MALLOC_ENV, keep_freed_memory
+    from effnet.runtime import inherit_malloc
 
-    if os.environ.get(MALLOC_ENV) == "keep":
-        keep_freed_memory()
+    inherit_malloc()
     fn, args, kwargs = pickle.loads(Path(job).read_bytes())
     try:
         outcome = (True, fn(*args, **kwargs))

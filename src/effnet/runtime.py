@@ -224,14 +224,25 @@ def _best_seconds(call: Callable[[], object], rounds: int) -> float:
 # glibc mallopt parameter numbers (malloc.h) and the defaults eager release restores.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _DEFAULT_MMAP_MAX = 65536
-MALLOC_ENV = "EFFNET_MALLOC"  # "system": leave glibc's malloc as it is; "keep": set by keep_freed_memory
+# How this process set malloc, in the environment so that processes started from it can do the same:
+# "system" (the user's opt-out: leave glibc as it is), "keep" or "eager" (set by the two functions below).
+MALLOC_ENV = "EFFNET_MALLOC"
 _KEEP_TRIM_THRESHOLD = 2**31 - 1  # bytes; the largest the int argument takes: in effect never trim
-_malloc_state = "malloc as the system set it"
+_MALLOC_STATES = {"keep": "malloc keeps freed blocks (effnet's default)", "eager": "malloc unmaps freed blocks at once"}
 
 
 def malloc_state() -> str:
     """How this process's malloc treats freed blocks, for benchmark setups: it changes every speed."""
-    return _malloc_state
+    return _MALLOC_STATES.get(os.environ.get(MALLOC_ENV, ""), "malloc as the system set it")
+
+
+def inherit_malloc() -> None:
+    """Set malloc as the process that started this one did (`profiling.run_isolated`'s children)."""
+    mode = os.environ.get(MALLOC_ENV)
+    if mode == "keep":
+        keep_freed_memory()
+    elif mode == "eager":
+        release_freed_memory_eagerly()
 
 
 def _mallopt(*settings: tuple[int, int]) -> bool:
@@ -255,14 +266,11 @@ def keep_freed_memory() -> bool:
     this project is measured on a page fault costs microseconds, and a B0 training step spent most
     of its time in them (benchmarks/README.md: about 4x the step time, peers alike). Serving all
     blocks from the heap and never trimming it keeps the pages mapped; the price is resident memory
-    that stays at the run's peak. `EFFNET_MALLOC=system` leaves malloc alone; otherwise it is set to
-    "keep", so that measuring processes started from this one (`profiling.run_isolated`) do the same."""
-    global _malloc_state
+    that stays at the run's peak. `EFFNET_MALLOC=system` leaves malloc alone."""
     if os.environ.get(MALLOC_ENV, "").strip().lower() == "system":
         return False
     kept = _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD))
     if kept:
-        _malloc_state = "malloc keeps freed blocks (effnet's default)"
         os.environ[MALLOC_ENV] = "keep"
     return kept
 
@@ -277,13 +285,12 @@ def release_freed_memory_eagerly(threshold_bytes: int = 128 * 1024) -> bool:
     SGD steps, peak RSS; benchmarks/README.md): with --grad-checkpointing 856 -> 563 MiB, at the
     price of page faults on every large allocation. Undoes `keep_freed_memory`. A no-op (False)
     off glibc."""
-    global _malloc_state
     threshold = int(threshold_bytes)
     released = _mallopt(
         (_M_MMAP_MAX, _DEFAULT_MMAP_MAX), (_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, 2 * threshold)
     )
     if released:
-        _malloc_state = f"malloc unmaps freed blocks above {threshold >> 10} KiB"
+        os.environ[MALLOC_ENV] = "eager"
     return released
 
 
