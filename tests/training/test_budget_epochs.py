@@ -36,18 +36,20 @@ def _simulate(config: TrainConfig, cache_s: float, step_s: float, steps_per_epoc
     return config, schedule, clock, last_lr
 
 
-def test_epochs_for_budget_rounds_to_the_nearest_epoch() -> None:
+def test_epochs_for_budget_rounds_up_so_that_the_clock_ends_the_last_epoch() -> None:
     # 510 s left when stepping began, epochs of 20 steps x 2 s (+10% validation) = 44 s: 11.6 -> 12.
     assert epochs_for_budget(600, 90 + 16, 2.0, 8, 20, eval_share=0.1) == 12
+    assert epochs_for_budget(600, 90 + 16 + 17, 2.0, 8, 20, eval_share=0.1) == 12  # 11.2: 12, not 11
+    assert epochs_for_budget(600, 0, 2.0, 0, 30) == 10  # exactly 10 fit: no 11th
     assert epochs_for_budget(600, 599, 2.0, 0, 20) == 1  # never fewer than one
     with pytest.raises(ValueError, match="positive step time"):
         epochs_for_budget(600, 0, 0.0, 0, 20)
 
 
-# Epochs by hand: the time left after the cache over an epoch's steps plus 1/30 for validation,
-# e.g. 510 s / (48 x 1.6 s x 31/30) = 6.4. Three epochs would have ended at 330 s, 46 s and 820 s.
+# Epochs by hand: the time left after the cache over an epoch's steps plus 1/30 for validation, rounded up,
+# e.g. 510 s / (48 x 1.6 s x 31/30) = 6.4 -> 7. Three epochs would have ended at 330 s, 46 s and 820 s.
 @pytest.mark.parametrize(
-    ("cache_s", "step_s", "steps_per_epoch", "epochs"), [(90.0, 1.6, 48, 6), (30.0, 0.4, 12, 115), (200.0, 5.0, 40, 2)]
+    ("cache_s", "step_s", "steps_per_epoch", "epochs"), [(90.0, 1.6, 48, 7), (30.0, 0.4, 12, 115), (200.0, 5.0, 40, 2)]
 )
 def test_ten_minute_budget_trains_nine_to_ten_minutes(
     cache_s: float, step_s: float, steps_per_epoch: int, epochs: int
@@ -105,5 +107,6 @@ def test_a_validation_between_probe_steps_does_not_count_as_training() -> None:
                 if restart:
                     budget.restart_timing()
         plans[restart] = config.epochs
-    # (600 - 100 - 60) s of 2 s steps from the first: 4.4 epochs of 100 s -> 4; timed with the pass, 5 s a step.
-    assert plans == {False: 1, True: 4}
+    # (600 - 100 - 60) s of 2 s steps from the first: 4.4 epochs of 100 s -> 5; timed with the pass, 5 s a step
+    # (1.8 epochs of 250 s -> 2).
+    assert plans == {False: 2, True: 5}

@@ -87,13 +87,15 @@ def epochs_for_budget(
 ) -> int:
     """The number of epochs whose schedule ends at the budget: the time left when the first step
     started, over an epoch's measured cost (its steps and `eval_share` of them for validation),
-    rounded to the nearest whole epoch: a run ends within half an epoch of the budget, and when it
-    rounds up the clock stops it with the LR already annealed (the cosine follows the clock too)."""
+    rounded up. The clock then stops the last epoch at the budget with the LR annealed (the cosine
+    follows the clock too), so the whole budget trains; rounding to the nearest epoch left up to half
+    an epoch unused (a fifth of the budget at 3 epochs), and later epochs often run slower than the
+    steps the plan timed."""
     if step_s <= 0 or steps_per_epoch < 1:
         raise ValueError(f"epochs_for_budget needs a positive step time and epoch, got {step_s} s, {steps_per_epoch}")
     since_first_step = budget_s - elapsed_s + steps_done * step_s
     epoch_s = step_s * steps_per_epoch * (1 + eval_share)
-    return max(1, round(since_first_step / epoch_s))
+    return max(1, math.ceil(since_first_step / epoch_s - 1e-9))
 
 
 @dataclass
