@@ -71,3 +71,12 @@ def test_fit_auto_trains_the_chosen_backbone_and_records_it(image_folder, fast_o
     saved = yaml.safe_load((Path(fast_options["output"]) / "config.yaml").read_text())
     assert saved["model"] == "efficientnet_lite0" and saved["pretrained"] is True and saved["img_size"] == 192
     assert "--model auto: efficientnet_lite0, the strongest with" in caplog.text
+
+
+def test_units_without_a_cache_time_the_whole_model_on_images(image_folder):
+    """Without --cache-frozen nothing is cut off: the step reads images, so it must run the stem too."""
+    splits = load_data(str(image_folder), val_split=0.25)
+    recipe = TrainConfig(model="efficientnet_lite0", pretrained=True, img_size=64, batch_size=8)
+    recipe = recipe.replace(finetune="last:5", cache_frozen=False)
+    units = backbone.measure_units("efficientnet_lite0", recipe, splits, torch.device("cpu"))
+    assert units.view_s > 0 and units.step_s > 0

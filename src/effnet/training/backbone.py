@@ -180,7 +180,8 @@ def measure_units(name: str, recipe: TrainConfig, splits: DataSplits, device: to
     freeze(net, trainable_from)
     set_train_mode(net, trainable_from, recipe.bn_freeze)
     dtype = autocast_dtype(device, recipe.precision)
-    step = make_step(net, recipe, default_lr(recipe.optimizer, len(features)), dtype, device, model=suffix)
+    trained = suffix if cut else net  # without a cache the step reads images: the stem too
+    step = make_step(net, recipe, default_lr(recipe.optimizer, len(features)), dtype, device, model=trained)
     labels = torch.arange(len(features), device=device) % len(splits.class_names)
     return UnitCosts(view_s, _steady(lambda: train_step(step, features, labels)) / len(features))
 
