@@ -17,9 +17,19 @@ def _schedule(config: TrainConfig, steps_per_epoch: int) -> LRSchedule:
     return LRSchedule(optimizer, config, 0.1, steps_per_epoch)
 
 
-def _simulate(config: TrainConfig, cache_s: float, step_s: float, steps_per_epoch: int, val_s: float, run_dir=False):
-    """The engine's loop on a fake clock: the cache, then steps of `step_s` and a validation pass of
-    `val_s` per epoch, stopped by the epochs or by the clock as `engine._train` does."""
+def _simulate(
+    config: TrainConfig,
+    cache_s: float,
+    step_s: float,
+    steps_per_epoch: int,
+    val_s: float,
+    run_dir=False,
+    slow_steps: int = 0,
+    lrs: list[float] | None = None,
+):
+    """The engine's loop on a fake clock: the cache, then steps of `step_s` (the first `slow_steps`
+    of them twice as long) and a validation pass of `val_s` per epoch, stopped by the epochs or by
+    the clock as `engine._train` does; each step's lr is appended to `lrs`."""
     schedule = _schedule(config, steps_per_epoch)
     config, budget = BudgetEpochs.for_run(config, steps_per_epoch, val_items=100, train_items=1000)
     clock, step, epoch, last_lr = cache_s, 0, 0, None
@@ -27,12 +37,15 @@ def _simulate(config: TrainConfig, cache_s: float, step_s: float, steps_per_epoc
         for _ in range(steps_per_epoch):
             if config.max_minutes is not None and clock > config.max_minutes * 60:
                 return config, schedule, clock, last_lr
-            clock += step_s
+            clock += step_s * (2 if step < slow_steps else 1)
             last_lr = schedule.step(step, clock / (config.max_minutes * 60) if config.max_minutes else 0.0)
+            if lrs is not None:
+                lrs.append(last_lr)
             step += 1
             config = budget.after_step(config, schedule, clock, step, run_dir)
         clock += val_s
         epoch += 1
+        config = budget.after_epoch(config, schedule, clock, epoch, run_dir)
     return config, schedule, clock, last_lr
 
 
@@ -110,3 +123,19 @@ def test_a_validation_between_probe_steps_does_not_count_as_training() -> None:
     # (600 - 100 - 60) s of 2 s steps from the first: 4.4 epochs of 100 s -> 5; timed with the pass, 5 s a step
     # (1.8 epochs of 250 s -> 2).
     assert plans == {False: 2, True: 5}
+
+
+def test_epochs_faster_than_the_probe_get_more_epochs_and_the_budget_is_used() -> None:
+    """A CIFAR-10 run on an AMX CPU timed its first steps at 1.03 s and then ran 0.66 s steps: the three
+    planned epochs ended 8 of 45 minutes early. Re-planned after each epoch, the run goes on to the
+    budget, and the lr only falls (no restart of the cosine) while the plan grows."""
+    lrs: list[float] = []
+    config = TrainConfig(max_minutes=45)
+    final, schedule, clock, last_lr = _simulate(
+        config, 630.0, 0.66, 703, 20.0, slow_steps=3 * BUDGET_PROBE_STEPS, lrs=lrs
+    )
+    assert 44 * 60 <= clock <= 45 * 60 + 0.66 + 20.0, clock / 60
+    assert final.epochs > 3 and schedule.total_steps == final.epochs * 703
+    assert last_lr < 0.1 * 0.02
+    after_warmup = lrs[schedule.warmup_steps :]
+    assert all(b <= a + 1e-12 for a, b in zip(after_warmup, after_warmup[1:], strict=False))

@@ -268,6 +268,8 @@ def _end_epoch(run: _Run, loss_sum: float, correct: float, seen: float) -> None:
     if run.stop_reason is None:  # a budget-cut epoch keeps its place and sums for a resume
         state.epoch += 1
         state.start_epoch()
+        elapsed = all_reduce_sum([run.elapsed()], run.context, run.device)[0] / run.context.world_size
+        run.config = config = run.budget.after_epoch(config, run.schedule, elapsed, state.epoch, main and run.run_dir)
     if main:
         save_model(run.run_dir / "last.pt", run.eval_net, run.splits.class_names, extra)
         _save_resume_state(run)

@@ -40,6 +40,10 @@ class LRSchedule:
         auto_warmup = math.ceil(0.05 * self.total_steps)
         self.warmup_steps = auto_warmup if self.config.warmup_steps is None else self.config.warmup_steps
 
+    def extend(self, epochs: int) -> None:
+        """Lengthen the plan to `epochs` epochs, keeping the warmup already under way."""
+        self.total_steps = self.steps_per_epoch * epochs
+
     def factor(self, step: int, time_fraction: float = 0.0) -> float:
         config = self.config
         warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
@@ -109,6 +113,8 @@ class BudgetEpochs:
     eval_share: float = 0.0
     chosen: int | None = None
     _start: tuple[int, float] | None = field(default=None, repr=False)  # (step, elapsed s) timing began
+    _epoch_began: tuple[int, float] | None = field(default=None, repr=False)  # (step, elapsed s) of the epoch's timing
+    _planned_epoch_s: float = field(default=0.0, repr=False)
 
     @classmethod
     def for_run(
@@ -134,6 +140,8 @@ class BudgetEpochs:
         keeps them; False on the processes that do not write the run folder)."""
         if self.budget_s is None or self.chosen is not None:
             return config
+        if self._epoch_began is None:
+            self._epoch_began = (step, elapsed_s)
         if self._start is None:
             self._start = (step, elapsed_s)
         if step < self._start[0] + BUDGET_PROBE_STEPS:
@@ -141,6 +149,7 @@ class BudgetEpochs:
         step_s = (elapsed_s - self._start[1]) / (step - self._start[0])
         self.chosen = epochs_for_budget(self.budget_s, elapsed_s, step_s, step, self.steps_per_epoch, self.eval_share)
         schedule.set_epochs(self.chosen)
+        self._planned_epoch_s = step_s * self.steps_per_epoch * (1 + self.eval_share)
         log.info(
             "budget of %g min: %.2f s per step, %d steps per epoch: %d epoch(s) end the schedule at the budget",
             self.budget_s / 60,
@@ -149,6 +158,46 @@ class BudgetEpochs:
             self.chosen,
         )
         config = config.replace(epochs=self.chosen)
+        if run_dir:
+            config.save(Path(run_dir) / "config.yaml")
+        return config
+
+    def after_epoch(
+        self,
+        config: TrainConfig,
+        schedule: LRSchedule,
+        elapsed_s: float,
+        epochs_done: int,
+        run_dir: Path | bool = False,
+    ) -> TrainConfig:
+        """Call at the end of each whole epoch (`epochs_done` so far). Where epochs run faster than the
+        steps the plan timed (a run's first steps are slow: allocations, kernel choice, a cold cache),
+        plan more of them, so that the clock, not the plan, ends the run at the budget. Only while the
+        plan has epochs ahead: the cosine follows the clock whenever it is further along, so
+        lengthening the plan then leaves the LR where it was; at the plan's end it has annealed, and
+        lengthening it would raise the LR again."""
+        if self.budget_s is None or self.chosen is None or self._epoch_began is None:
+            return config
+        began_step, began_s = self._epoch_began
+        steps = epochs_done * self.steps_per_epoch - began_step  # the first epoch's is timed from its first step's end
+        self._epoch_began = (epochs_done * self.steps_per_epoch, elapsed_s)
+        if epochs_done >= self.chosen or steps <= 0 or elapsed_s <= began_s:
+            return config
+        epoch_s = (elapsed_s - began_s) * self.steps_per_epoch / steps
+        wanted = epochs_done + math.ceil((self.budget_s - elapsed_s) / epoch_s - 1e-9)
+        if wanted <= self.chosen:
+            return config
+        log.info(
+            "budget of %g min: an epoch took %.0f s, not the %.0f s planned: %d epochs, not %d, end at the budget",
+            self.budget_s / 60,
+            epoch_s,
+            self._planned_epoch_s,
+            wanted,
+            self.chosen,
+        )
+        self.chosen = wanted
+        schedule.extend(wanted)
+        config = config.replace(epochs=wanted)
         if run_dir:
             config.save(Path(run_dir) / "config.yaml")
         return config
