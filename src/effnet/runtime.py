@@ -188,14 +188,18 @@ def choose_inference(task: str, candidates: list[str], build: Callable[[str], Ca
 
     def measure() -> str:
         log.info("measuring %s on this CPU, once per machine: %s", task, ", ".join(candidates))
+        parities = {}
         for candidate in candidates:
             engine = engines[candidate] = build(candidate)
-            parity = getattr(engine, "parity", None)
-            if parity is None and hasattr(engine, "parity"):
+            parities[candidate] = getattr(engine, "parity", None)
+            if parities[candidate] is None and hasattr(engine, "parity"):
                 engine.parity = {}  # no parity check while timing; the kept engine checks its first real batch
-            speeds[candidate] = len(example) / _best_seconds(lambda engine=engine: engine(example), rounds=2)
+        calls = {candidate: (lambda engine=engine: engine(example)) for candidate, engine in engines.items()}
+        for candidate, seconds in interleaved_best_seconds(calls, rounds=3).items():
+            speeds[candidate] = len(example) / seconds
+        for candidate, engine in engines.items():
             if hasattr(engine, "parity"):
-                engine.parity = parity
+                engine.parity = parities[candidate]
         return max(speeds, key=speeds.__getitem__)
 
     if len(candidates) == 1:
@@ -211,13 +215,18 @@ def choose_inference(task: str, candidates: list[str], build: Callable[[str], Ca
     return engines.get(choice) or build(choice)
 
 
-def _best_seconds(call: Callable[[], object], rounds: int) -> float:
-    call()  # warm-up: first-call allocations and kernel selection
-    best = float("inf")
+def interleaved_best_seconds(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Each call's fastest of `rounds` timed runs, the calls taking turns in every round after one
+    warm-up each. Timed one after the other, a slow spell of a shared VM (minutes long, 20-40% here)
+    falls on one candidate only and can pick the wrong one; taking turns spreads it over all."""
+    for call in calls.values():
+        call()  # first-call allocations and kernel selection
+    best = dict.fromkeys(calls, float("inf"))
     for _ in range(rounds):
-        started = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - started)
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            best[name] = min(best[name], time.perf_counter() - started)
     return best
 
 

@@ -81,6 +81,25 @@ def test_auto_measures_the_candidates_keeps_the_fastest_and_remembers_it(
     assert built == ["torch None"]  # the only candidate: nothing to measure
 
 
+def test_candidates_take_turns_so_a_slow_spell_does_not_pick_the_slower() -> None:
+    """A slow spell covering the first four calls, then the machine at its speed: timed one after the
+    other, the faster candidate would have had only slow calls; taking turns, both get quiet ones."""
+    calls = 0
+
+    def engine(delay: float):
+        def call() -> None:
+            nonlocal calls
+            calls += 1
+            time.sleep(delay * (4 if calls <= 4 else 1))
+
+        return call
+
+    best = runtime.interleaved_best_seconds({"fast": engine(0.01), "slow": engine(0.02)}, rounds=3)
+    assert calls == 8  # one warm-up and three timed calls each
+    assert best["fast"] < 0.8 * best["slow"], best
+    assert best["fast"] < 0.02  # a quiet call, not one of the slow spell's (0.04)
+
+
 def test_inference_candidates_follow_native_bf16(monkeypatch) -> None:
     monkeypatch.setenv("EFFNET_NATIVE_BF16", "0")
     assert runtime.inference_candidates(True) == ["torch fp32", "openvino f32"]
