@@ -157,10 +157,7 @@ class BudgetEpochs:
             self.steps_per_epoch,
             self.chosen,
         )
-        config = config.replace(epochs=self.chosen)
-        if run_dir:
-            config.save(Path(run_dir) / "config.yaml")
-        return config
+        return _with_epochs(config, self.chosen, run_dir)
 
     def after_epoch(
         self,
@@ -197,7 +194,12 @@ class BudgetEpochs:
         )
         self.chosen = wanted
         schedule.extend(wanted)
-        config = config.replace(epochs=wanted)
-        if run_dir:
-            config.save(Path(run_dir) / "config.yaml")
-        return config
+        return _with_epochs(config, wanted, run_dir)
+
+
+def _with_epochs(config: TrainConfig, epochs: int, run_dir: Path | bool) -> TrainConfig:
+    """`config` planned for `epochs`, saved as `run_dir`/config.yaml when given (a resumed run keeps them)."""
+    config = config.replace(epochs=epochs)
+    if run_dir:
+        config.save(Path(run_dir) / "config.yaml")
+    return config
