@@ -68,3 +68,18 @@ def test_model_uses_it_for_depthwise_layers_only_and_matches_plain_convolutions(
         F.cross_entropy(model(x), y).backward()
     for (name, a), b in zip(plain.named_parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_bias_gradient_matches_f_conv2d() -> None:
+    """A bias (a frozen batch norm folded into the convolution) keeps the fast path, with its gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 11, 11, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(6, 1, 5, 5, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    results = []
+    for conv in (depthwise_conv2d, lambda x, w, b, s, p: F.conv2d(x, w, b, s, p, 1, w.shape[0])):
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, weight, bias))
+        out = conv(xr, wr, br, (2, 2), (2, 2))
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        results.append((out, xr.grad, wr.grad, br.grad))
+    for ours, reference in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)

@@ -140,3 +140,48 @@ def test_runtime_defaults_use_the_fast_paths() -> None:
     assert prepared.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
     inference = runtime.prepare_inference_model(prepared, torch.device("cpu"))
     assert not inference.training and not any(isinstance(m, torch.nn.BatchNorm2d) for m in inference.modules())
+
+
+@pytest.mark.parametrize(("name", "fused"), [(name, False) for name in VARIANTS] + [("efficientnet_b0", True)])
+def test_frozen_batchnorm_folded_in_training_matches_the_batchnorm(
+    name: str, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With frozen statistics (eval-mode batch norms in a training model, `--bn-freeze on`) every
+    conv + batch norm runs as one convolution: same logits and gradients (float64, where rounding
+    cannot hide a wrong formula), running statistics untouched, and no batch norm op left."""
+    from effnet.models import layers
+
+    reference = plain_model(name).double()
+    with torch.no_grad():
+        for module in reference.modules():  # statistics far from 0 and 1, so a missing term shows
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1), module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5), module.bias.uniform_(-0.5, 0.5)
+    if fused:
+        memory_efficient(reference)
+    folded = copy.deepcopy(reference)
+    for model in (reference, folded):
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
+    before = copy.deepcopy(folded.state_dict())
+    x = images(channels_last=True).double()
+    batch_norms = []
+    real_batch_norm = torch.nn.functional.batch_norm
+    monkeypatch.setattr(
+        torch.nn.functional, "batch_norm", lambda *a, **k: batch_norms.append(1) or real_batch_norm(*a, **k)
+    )
+    logits = folded(x)
+    assert not batch_norms  # every batch norm was folded
+    monkeypatch.setattr(layers, "_folds", lambda bn: False)
+    expected = reference(x)
+    assert batch_norms  # the reference ran the batch norms
+    assert expected.std() > 1e-3
+    torch.testing.assert_close(logits, expected, atol=1e-10, rtol=1e-10)
+    target = torch.randn_like(logits)
+    (logits * target).sum().backward()
+    (expected * target).sum().backward()
+    assert_gradients_match(reference, folded, rtol=1e-7)  # sums in another order: ~1e-12 apart, with cancellation
+    for key, value in before.items():
+        assert torch.equal(folded.state_dict()[key], value), key

@@ -27,27 +27,30 @@ def depthwise_conv2d(
 ) -> torch.Tensor:
     """`F.conv2d(x, weight, bias, stride, padding, groups=channels)`, trained faster on a CPU."""
     channels = weight.shape[0]
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     traced = torch.jit.is_tracing() or torch.compiler.is_compiling()  # exporters and compilers get plain ops
-    if not needs_grad or bias is not None or x.device.type != "cpu" or traced:
+    if not needs_grad or x.device.type != "cpu" or traced:
         return F.conv2d(x, weight, bias, stride, padding, 1, channels)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     with torch.autocast("cpu", enabled=False):
-        return _DepthwiseConv.apply(x, weight, tuple(stride), tuple(padding), dtype)
+        return _DepthwiseConv.apply(x, weight, bias, tuple(stride), tuple(padding), dtype)
 
 
 class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, stride, padding, dtype):  # noqa: ANN001, ANN205 (autograd's signature)
+    def forward(ctx, x, weight, bias, stride, padding, dtype):  # noqa: ANN001, ANN205 (autograd's signature)
         ctx.stride, ctx.padding, ctx.x_dtype, ctx.x_shape = stride, padding, x.dtype, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
         x = x.to(dtype)
         ctx.save_for_backward(x, weight)  # x as computed (bf16 under autocast), weight the fp32 parameter
-        return F.conv2d(x, weight.to(dtype), None, stride, padding, 1, weight.shape[0])
+        bias = None if bias is None else bias.to(dtype)
+        return F.conv2d(x, weight.to(dtype), bias, stride, padding, 1, weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         x, weight = ctx.saved_tensors
-        grad_x = grad_weight = None
+        grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad(grad_out.to(x.dtype), weight.to(x.dtype), ctx.x_shape, ctx.stride, ctx.padding)
             grad_x = grad_x.to(ctx.x_dtype)
@@ -59,7 +62,9 @@ class _DepthwiseConv(torch.autograd.Function):
                 grad_out.to(wide), x.to(wide), weight.to(wide), None, ctx.stride, ctx.padding, [1, 1], False, [0, 0],
                 weight.shape[0], [False, True, False],
             )[1].to(weight.dtype)  # fmt: skip
-        return grad_x, grad_weight, None, None, None
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 def _input_grad(

@@ -36,13 +36,15 @@ class Conv2dSame(nn.Conv2d):
     for even totals. Weights ported from TensorFlow lose accuracy without it, because every
     strided convolution would otherwise sample a grid shifted by one pixel."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # Here rather than in forward, so that a call with other weights (ConvBNAct's folded batch
+        # norm) pads the same way.
         height, width = x.shape[-2:]
         pad_h = tf_same_pad_amount(height, self.kernel_size[0], self.stride[0], self.dilation[0])
         pad_w = tf_same_pad_amount(width, self.kernel_size[1], self.stride[1], self.dilation[1])
         if pad_h or pad_w:
             x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-        return self._conv_forward(x, self.weight, self.bias)  # nn.Conv2d's, with padding 0
+        return super()._conv_forward(x, weight, bias)  # nn.Conv2d's (or DepthwiseConv2d's), with padding 0
 
 
 class DepthwiseConv2dSame(Conv2dSame, DepthwiseConv2d):
@@ -92,7 +94,40 @@ class ConvBNAct(nn.Module):
         self.act = make_activation(activation) if activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        if self.bn.training or not _folds(self.bn):
+            return self.act(self.bn(self.conv(x)))
+        return self.act(self._conv_frozen_bn(x))
+
+    def _conv_frozen_bn(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution and its batch norm in eval mode as one convolution with a bias, the batch
+        norm's scale folded into the weight on every call (so gradients reach the convolution and
+        the batch norm's weight and bias as before). The same numbers within rounding as
+        `self.bn(self.conv(x))`, without the batch norm's own pass over the output forward and its
+        two backward: with frozen statistics in trained layers (`--bn-freeze on`) the step is
+        mostly convolutions again."""
+        scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
+        weight = self.conv.weight * scale.reshape(-1, 1, 1, 1).to(self.conv.weight.dtype)
+        out = self.conv._conv_forward(x, weight, self.bn.bias - self.bn.running_mean * scale)
+        activation = getattr(self.bn, "activation", None)  # models.fused.BatchNormAct2d's own activation
+        if activation == "silu":
+            return F.silu(out, inplace=True)
+        if activation == "relu6":
+            return F.hardtanh(out, 0.0, 6.0, inplace=True)
+        return out
+
+
+def _folds(bn: nn.Module) -> bool:
+    """Whether an eval-mode `bn` is folded into its convolution (ConvBNAct._conv_frozen_bn): only
+    where autograd records the step (training with frozen statistics), and not while a graph is
+    traced or compiled, so that inference, exports and compilers see the plain batch norm."""
+    return (
+        isinstance(bn, nn.BatchNorm2d)
+        and bn.affine
+        and bn.track_running_stats
+        and torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    )
 
 
 class SqueezeExcite(nn.Module):
