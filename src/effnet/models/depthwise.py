@@ -63,7 +63,9 @@ class _DepthwiseConv(torch.autograd.Function):
                 weight.shape[0], [False, True, False],
             )[1].to(weight.dtype)  # fmt: skip
         if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
+            # Summed in at least fp32: a bf16 sum over a batch of feature maps loses the gradient.
+            grad_bias = grad_out.sum((0, 2, 3), dtype=torch.promote_types(grad_out.dtype, torch.float32))
+            grad_bias = grad_bias.to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
