@@ -132,12 +132,40 @@ def test_fit_with_cache_frozen_trains_only_the_suffix_and_tests_the_whole_model(
     assert "cached the frozen stem + 3 stage(s): 2 view(s)" in log and "shifted by up to 1 cell(s)" in log
 
 
+def test_mixup_with_the_cache_mixes_the_stored_features(image_folder, fast_options, caplog, monkeypatch):
+    """Manifold mixup at the cut: the mixer sees the prefix's features (stage 3's channels), never
+    3-channel images, and training on the mixed features still changes the suffix only."""
+    caplog.set_level(logging.INFO, logger="effnet")
+    seen = []
+    original = engine.make_batch_mixer
+
+    def recording_mixer(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        mixer = original(*args, **kwargs)
+
+        def mix(images, labels, step):  # noqa: ANN001, ANN202
+            seen.append(images.shape[1])
+            return mixer(images, labels, step)
+
+        return mix
+
+    monkeypatch.setattr(engine, "make_batch_mixer", recording_mixer)
+    model = tiny_model()
+    prefix_channels = cached.split_at_stage(model, 3)[0](torch.zeros(1, 3, 32, 32)).shape[1]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    options = fast_options | {"finetune": "last:4", "cache_frozen": True, "cache_views": 1, "mixup": 0.4}
+    result = fit(model, str(image_folder), **options)
+    assert seen and set(seen) == {prefix_channels} and prefix_channels != 3
+    after = {k: v.cpu() for k, v in result.model.state_dict().items()}
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and not any(k.startswith(("stem", "stages.0", "stages.1", "stages.2")) for k in changed)
+    assert "mix the cached features" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"finetune": "full"}, "finetune last:N"),
         ({"finetune": "head"}, "finetune last:N"),
-        ({"finetune": "last:2", "mixup": 0.2}, "mixup and cutmix"),
         ({"finetune": "last:2", "bn_freeze": "off"}, "bn_freeze"),
         ({"finetune": "last:2", "cache_views": 0}, "cache_views"),
         ({"finetune": "last:2", "cache_shift": -1}, "cache_shift"),
@@ -159,7 +187,8 @@ def test_val_at_minutes_must_be_positive():
         ({"pretrained": True}, "cpu", "last:4", True),
         ({"pretrained": True}, "cuda", "full", False),
         ({"pretrained": False}, "cpu", "full", False),
-        ({"pretrained": True, "mixup": 0.2}, "cpu", "last:4", False),  # mixup needs images: no cache
+        ({"pretrained": True, "mixup": 0.2}, "cpu", "last:4", False),  # mixup asks to mix images: no cache
+        ({"pretrained": True, "mixup": 0.2, "cache_frozen": True}, "cpu", "last:4", True),  # features, if asked
         ({"pretrained": True, "finetune": "last:2"}, "cpu", "last:2", False),  # asked for: no silent cache
         ({"pretrained": True, "finetune": "last:2", "cache_frozen": True}, "cpu", "last:2", True),
         ({"pretrained": True, "cache_frozen": False}, "cpu", "last:4", False),

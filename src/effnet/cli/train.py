@@ -173,8 +173,10 @@ def _pipeline_options(group: argparse._ArgumentGroup) -> None:
         help="also report test accuracy with logits averaged over each image and its mirror image (default: "
         "as --flip); results.json keeps both",
     )
-    group.add_argument("--mixup", type=float, help="MixUp alpha (0 = off)")
-    group.add_argument("--cutmix", type=float, help="CutMix alpha (0 = off)")
+    group.add_argument(
+        "--mixup", type=float, help="MixUp alpha (0 = off); with --cache-frozen it mixes the cached features"
+    )
+    group.add_argument("--cutmix", type=float, help="CutMix alpha (0 = off); --cache-frozen: as --mixup")
     group.add_argument("--workers", type=workers_arg, help="data loader processes (default auto)")
 
 

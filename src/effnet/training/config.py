@@ -195,8 +195,6 @@ class TrainConfig:
                 f"cache_frozen needs a frozen prefix that stays frozen: use finetune last:N with N from 1 to 7 "
                 f"(got {self.finetune!r})"
             )
-        if self.mixup or self.cutmix:
-            raise ConfigError("cache_frozen trains on stored features, not images: turn off mixup and cutmix")
         if self.bn_freeze == "off":
             raise ConfigError("cache_frozen keeps the frozen stages' BatchNorm statistics fixed, not bn_freeze off")
         if self.cache_views < 1:

@@ -308,6 +308,11 @@ def _start(job: _Job, config: TrainConfig) -> _Run:
     step = make_step(net, config, lr, dtype, device, any_process=lambda flag: _any_process(flag, context, device))
     schedule = LRSchedule(step.optimizer, config, lr, batches_per_epoch // config.accum_steps)
     config, budget = BudgetEpochs.for_run(config, schedule.steps_per_epoch, len(inputs.val or ()), len(inputs.train))
+    mixer = make_batch_mixer(len(splits.class_names), config.mixup, config.cutmix, config.seed)
+    if mixer is not None and config.cache_frozen:
+        # The batches are the frozen prefix's stored outputs: mixing them is manifold mixup (Verma et al.,
+        # 2019) at the cut, which keeps the cache; mixing images would need the prefix on every batch.
+        log.info("mixup/cutmix mix the cached features of the frozen stages, not images (--no-cache-frozen: images)")
     run = _Run(
         config=config,
         splits=splits,
@@ -318,7 +323,7 @@ def _start(job: _Job, config: TrainConfig) -> _Run:
         step=step,
         schedule=schedule,
         budget=budget,
-        mixer=make_batch_mixer(len(splits.class_names), config.mixup, config.cutmix, config.seed),
+        mixer=mixer,
         run_dir=run_dir,
         context=context,
         device=device,

@@ -37,6 +37,7 @@ def resolve_auto(config: TrainConfig, device: torch.device, native_size: int | N
     finetune = (AUTO_CPU_FINETUNE if cpu_recipe else "full") if auto else config.finetune
     cache = config.cache_frozen
     if cache is None:
+        # --mixup/--cutmix ask to mix images; mixing the cached features instead is opt-in (--cache-frozen).
         can_cache = finetune.startswith("last:") and not (config.mixup or config.cutmix) and config.bn_freeze != "off"
         cache = auto and can_cache
     resolved = config.replace(finetune=finetune, cache_frozen=cache)
