@@ -179,6 +179,7 @@ def create_engine(
     img_size: int | None = None,
     batch_size: int = 32,
     task: str | None = None,
+    precision: str = "auto",
 ) -> Engine:
     """An `Engine` for `model` (a module, or the path of an exported .onnx file).
 
@@ -186,7 +187,8 @@ def create_engine(
     `img_size`, with a dynamic batch size), 'openvino' (converted in memory) or 'auto': ONNX Runtime
     for an .onnx file; for a module on the CPU the fastest of the backends and precisions this CPU
     allows (`runtime.inference_candidates`), measured once per machine on batches of `batch_size`
-    and remembered under `task` (default: the model's name and size); on a GPU, PyTorch.
+    and remembered under `task` (default: the model's name and size); on a GPU, PyTorch. A CPU
+    `precision` other than 'auto' ('fp32', 'bf16': a run's --precision) is kept to under 'auto'.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -198,7 +200,7 @@ def create_engine(
     if backend == "auto" and torch.device(device).type != "cpu":  # a GPU: its autocast dtype
         return TorchEngine(model, device, runtime.autocast_dtype(torch.device(device), "auto"))
     if backend == "auto":
-        return _fastest_engine(model, size, batch_size, task or f"{_model_name(model)} {size}px")
+        return _fastest_engine(model, size, batch_size, task or f"{_model_name(model)} {size}px", precision)
     if backend == "torch":
         return TorchEngine(model, device)
     if backend == "openvino":
@@ -220,9 +222,9 @@ def _model_name(model: nn.Module) -> str:
     return getattr(config, "name", None) or type(model).__name__
 
 
-def _fastest_engine(model: nn.Module, size: int, batch_size: int, task: str) -> Engine:
-    """The engine `runtime.choose_inference` picks among the candidates this CPU allows."""
-    candidates = runtime.inference_candidates(openvino_available())
+def _fastest_engine(model: nn.Module, size: int, batch_size: int, task: str, precision: str) -> Engine:
+    """The engine `runtime.choose_inference` picks among the candidates this CPU (or `precision`) allows."""
+    candidates = runtime.inference_candidates(openvino_available(), precision)
 
     def build(candidate: str) -> Engine:
         backend, precision = candidate.split(" ")

@@ -166,13 +166,16 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def inference_candidates(openvino_installed: bool) -> list[str]:
+def inference_candidates(openvino_installed: bool, precision: str = "auto") -> list[str]:
     """The "backend precision" pairs worth measuring for CPU inference here: bf16 only where the CPU
-    computes it natively (elsewhere it is the slowest choice by far, no measurement needed)."""
-    precisions = ["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"]
-    candidates = [f"torch {precision}" for precision in precisions]
+    computes it natively (elsewhere it is the slowest choice by far, no measurement needed). A forced
+    `precision` ('fp32' or 'bf16', a run's --precision) leaves only the backends; 'auto' and 'fp16'
+    (a GPU precision) leave the choice to this CPU."""
+    native = ["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"]
+    precisions = [precision] if precision in ("fp32", "bf16") else native
+    candidates = [f"torch {kind}" for kind in precisions]
     if openvino_installed:
-        candidates += [f"openvino {'f32' if precision == 'fp32' else precision}" for precision in precisions]
+        candidates += [f"openvino {'f32' if kind == 'fp32' else kind}" for kind in precisions]
     return candidates
 
 

@@ -108,6 +108,14 @@ def test_inference_candidates_follow_native_bf16(monkeypatch) -> None:
     assert "openvino bf16" in runtime.inference_candidates(True)
 
 
+def test_a_forced_precision_leaves_only_the_backends_to_choose(monkeypatch) -> None:
+    monkeypatch.setenv("EFFNET_NATIVE_BF16", "1")
+    assert runtime.inference_candidates(True, "fp32") == ["torch fp32", "openvino f32"]
+    monkeypatch.setenv("EFFNET_NATIVE_BF16", "0")
+    assert runtime.inference_candidates(False, "bf16") == ["torch bf16"]  # forced: the user's call
+    assert runtime.inference_candidates(True, "fp16") == runtime.inference_candidates(True)  # a GPU precision
+
+
 def test_openvino_engine_matches_the_model_and_reports_parity(model_and_images) -> None:
     import openvino  # noqa: F401  (the [fast] extra: missing, it fails rather than skips)
 

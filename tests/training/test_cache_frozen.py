@@ -86,6 +86,20 @@ def test_cached_views_are_the_prefix_outputs_of_the_plain_and_mirrored_image(ima
     assert train.labels.tolist() == [splits.train[i][1] for i in range(len(splits.train))]
 
 
+@pytest.mark.parametrize("precision, expected", [("auto", "bf16"), ("fp32", "fp32")])
+def test_a_forced_precision_holds_for_the_cache_prefix(precision, expected, monkeypatch) -> None:
+    """On a CPU with native bf16 the prefix is measured among bf16 and fp32 engines, unless the run's
+    --precision says which (bf16 features differ from fp32 ones by several percent)."""
+    monkeypatch.setenv("EFFNET_NATIVE_BF16", "1")
+    monkeypatch.setattr("effnet.inference.openvino_available", lambda: False)
+    monkeypatch.setattr(
+        "effnet.runtime.interleaved_best_seconds", lambda calls, rounds: {"torch fp32": 2.0, "torch bf16": 1.0}
+    )
+    prefix = split_at_stage(tiny_model().eval(), 3)[0]
+    engine = cached.prefix_engine(prefix, 32, torch.device("cpu"), f"test prefix {precision}", precision)
+    assert engine.precision == expected
+
+
 def test_training_on_features_gives_the_whole_models_gradients() -> None:
     """One step on cached features is one step of the whole model with its prefix frozen. In float64:
     the whole model's prefix runs its batch norms folded into the convolutions (grad is enabled),

@@ -170,7 +170,8 @@ def measure_units(name: str, recipe: TrainConfig, splits: DataSplits, device: to
     features = _batch(plain, count, device, recipe.channels_last)
     view_s = (time.perf_counter() - started) / count
     if cut:  # the engine's output is what a training step reads
-        engine = prefix_engine(prefix, recipe.img_size, device, prefix_task(net, cut, recipe.img_size))
+        task = prefix_task(net, cut, recipe.img_size)
+        engine = prefix_engine(prefix, recipe.img_size, device, task, recipe.precision)
         view_s += _steady(lambda: engine(features)) / count
         features = engine(features)
         if recipe.channels_last:

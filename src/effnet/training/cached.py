@@ -18,9 +18,12 @@ image and serves those features to the loop instead of images:
   test set still goes through the whole model at the end: that is the model a user keeps.
 
 The prefix runs on the inference engine `runtime` measures fastest on this CPU (OpenVINO or PyTorch
-with folded batch norms, in bf16 only where the CPU computes bf16 natively). Features are stored in
-bfloat16 whatever the engine: half the memory of fp32, and rounding the frozen features to 8 bits of
-mantissa is far below the augmentation's noise.
+with folded batch norms, in bf16 only where the CPU computes bf16 natively, and never against a
+forced --precision). Features are stored in bfloat16 whatever the engine: half the memory of fp32,
+and rounding the frozen features to 8 bits of mantissa is far below the augmentation's noise.
+Computing them in bf16 costs more precision than storing them (Lite0's first block amplifies the
+rounding of its inputs): the relative error against fp32 is logged, and `--precision fp32` holds
+for the prefix too for anyone who wants exact features.
 """
 
 from __future__ import annotations
@@ -113,7 +116,8 @@ def build_feature_cache(
     of every validation image); return the two cached data sets. Without `flip` (mirror images
     change the label) there is no mirrored view and the augmented draws do not flip."""
     prefix = split_at_stage(model, frozen_stages)[0]
-    run_prefix = _prefix_runner(prefix, img_size, device, prefix_task(model, frozen_stages, img_size))
+    task = prefix_task(model, frozen_stages, img_size)
+    run_prefix = _prefix_runner(prefix, img_size, device, task, config.precision)
     preprocess = model.pretrained_cfg
     plain = build_transforms(preprocess, train=False, img_size=img_size)
     augmented = build_transforms(preprocess, train=True, augment=config.augment, img_size=img_size, flip=flip)
@@ -221,20 +225,23 @@ def prefix_task(model: EfficientNet, frozen_stages: int, img_size: int) -> str:
     return f"feature-cache prefix of {model.config.name} (stem + {frozen_stages} stages) at {img_size}px"
 
 
-def prefix_engine(prefix: FrozenPrefix, img_size: int, device: torch.device, task: str):
+def prefix_engine(prefix: FrozenPrefix, img_size: int, device: torch.device, task: str, precision: str = "auto"):
     """The engine `runtime` picks for the prefix on this CPU (`inference.create_engine`, measured
-    once per machine), without its logits parity check: features are checked by the caller."""
-    engine = create_engine(prefix, "auto", device, img_size=img_size, batch_size=PREFIX_BATCH, task=task)
+    once per machine) at the run's `precision` (a forced --precision holds for the prefix too),
+    without its logits parity check: features are checked by the caller."""
+    engine = create_engine(
+        prefix, "auto", device, img_size=img_size, batch_size=PREFIX_BATCH, task=task, precision=precision
+    )
     if hasattr(engine, "parity"):
         engine.parity = {}
     return engine
 
 
-def _prefix_runner(prefix: FrozenPrefix, img_size: int, device: torch.device, task: str):
+def _prefix_runner(prefix: FrozenPrefix, img_size: int, device: torch.device, task: str, precision: str):
     """A function images -> prefix features (float, on the CPU) on `prefix_engine`. A
     reduced-precision engine's features are compared with PyTorch fp32 on the first batch and the
     relative error logged."""
-    engine = prefix_engine(prefix, img_size, device, task)
+    engine = prefix_engine(prefix, img_size, device, task, precision)
     checked = False
 
     def run(images: torch.Tensor) -> torch.Tensor:
