@@ -188,7 +188,7 @@ def create_engine(
     for an .onnx file; for a module on the CPU the fastest of the backends and precisions this CPU
     allows (`runtime.inference_candidates`), measured once per machine on batches of `batch_size`
     and remembered under `task` (default: the model's name and size); on a GPU, PyTorch. A CPU
-    `precision` other than 'auto' ('fp32', 'bf16': a run's --precision) is kept to under 'auto'.
+    `precision` of 'fp32' or 'bf16' (a run's --precision) limits 'auto' to that precision.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -227,12 +227,12 @@ def _fastest_engine(model: nn.Module, size: int, batch_size: int, task: str, pre
     candidates = runtime.inference_candidates(openvino_available(), precision)
 
     def build(candidate: str) -> Engine:
-        backend, precision = candidate.split(" ")
+        backend, kind = candidate.split(" ")
         if backend == "torch":
-            return TorchEngine(model, "cpu", torch.bfloat16 if precision == "bf16" else None)
+            return TorchEngine(model, "cpu", torch.bfloat16 if kind == "bf16" else None)
         # A fresh conversion per compiled precision: one converted model compiled twice (f32, bf16)
         # crashed the process later (a segfault at the next fork).
-        return OpenVinoEngine(model, size, precision)
+        return OpenVinoEngine(model, size, kind)
 
     example = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
     return runtime.choose_inference(f"infer {task} batch {batch_size}", candidates, build, example)
