@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effnet.models.depthwise import DepthwiseConv2d
+from effnet.models.excite import squeeze_excite
 from effnet.models.spec import Activation, Padding
 
 
@@ -141,9 +142,11 @@ class SqueezeExcite(nn.Module):
         self.expand = nn.Conv2d(squeeze_channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = x.mean((2, 3), keepdim=True)
-        scale = self.expand(self.act(self.reduce(scale)))
-        return x * scale.sigmoid()
+        return squeeze_excite(x, self.gate, list(self.parameters()))
+
+    def gate(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The per-channel factors in (0, 1), from the channels' averages (N x C x 1 x 1)."""
+        return self.expand(self.act(self.reduce(pooled))).sigmoid()
 
 
 class DropPath(nn.Module):
