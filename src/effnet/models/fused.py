@@ -43,8 +43,8 @@ def _apply_activation(x: torch.Tensor, activation: str | None) -> torch.Tensor:
 def _activation_backward(grad: torch.Tensor, normalised: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation == "silu":
         return torch.ops.aten.silu_backward(grad, normalised)
-    if activation == "relu6":
-        return grad * ((normalised > 0) & (normalised < 6))
+    if activation == "relu6":  # one kernel; the same mask written as comparisons took ~20x as long (bf16)
+        return torch.ops.aten.hardtanh_backward(grad, normalised, 0.0, 6.0)
     return grad
 
 
