@@ -112,13 +112,18 @@ def cpu_supports_bf16() -> bool:
 
 
 REMEASURE_ENV = "EFFNET_REMEASURE"  # "1": measure again instead of reusing this machine's stored choices
+# Raised whenever effnet's own kernels change speed (models.depthwise, models.fused, models.excite): the
+# choices measured with older ones (bf16 or fp32 per stage, the fastest engine) are then measured anew.
+KERNELS_REVISION = 2
 
 
 def machine_file() -> Path:
     """The file that keeps this machine's measured choices: one per CPU model, ISA level (so an
-    emulated AVX2 run keeps its own), thread count and torch version, under `paths.cache_dir`."""
+    emulated AVX2 run keeps its own), thread count, torch version and `KERNELS_REVISION`, under
+    `paths.cache_dir`."""
     info = cpu_info()
     key = "|".join((info.model, ",".join(info.flags), info.isa, str(info.threads), torch.__version__))
+    key += f"|kernels {KERNELS_REVISION}"
     return cache_dir("runtime", f"choices-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
 
 
