@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from effnet import create_model
-from effnet.models.depthwise import depthwise_conv2d
+from effnet.models.depthwise import _windowed_weight_grad, depthwise_conv2d
 from effnet.models.layers import make_conv
 
 
@@ -34,7 +34,8 @@ def test_gradients_match_f_conv2d(size: int, kernel: int, stride: int, padding: 
         torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10, msg=name)
 
 
-def test_bf16_autocast_matches_aten_within_bf16_tolerance() -> None:
+@pytest.mark.parametrize("stride", [1, 2])
+def test_bf16_autocast_matches_aten_within_bf16_tolerance(stride: int) -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 32, 28, 28).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(32, 1, 5, 5) * 0.2
@@ -42,13 +43,29 @@ def test_bf16_autocast_matches_aten_within_bf16_tolerance() -> None:
     for conv in (depthwise_conv2d, lambda x, w, b, s, p: F.conv2d(x, w, b, s, p, 1, w.shape[0])):
         xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = conv(xr, wr, None, (2, 2), (2, 2))
+            out = conv(xr, wr, None, (stride, stride), (2, 2))
         assert out.dtype == torch.bfloat16
         out.float().square().mean().backward()
         grads.append((out.float(), xr.grad, wr.grad))
     for ours, reference in zip(grads[0], grads[1], strict=True):
         assert ours.dtype == reference.dtype
         torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize(("kernel", "padding"), [(5, 2), (5, 0), (7, 3), (7, 1)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_wide_kernel_weight_gradient_from_3x3_windows(kernel: int, padding: int, channels_last: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 10, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 4, 9 + 2 * padding - kernel + 1, 10 + 2 * padding - kernel + 1, dtype=torch.float64)
+    weight = torch.empty(4, 1, kernel, kernel, dtype=torch.float64)
+    reference = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, (1, 1), (padding, padding), [1, 1], False, [0, 0], 4, [False, True, False]
+    )[1]
+    ours = _windowed_weight_grad(grad, x, kernel, (padding, padding))
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
 
 
 def test_model_uses_it_for_depthwise_layers_only_and_matches_plain_convolutions() -> None:

@@ -8,7 +8,8 @@ in bf16 (per-layer figures in benchmarks/README.md). Both have cheap equivalents
 * the input gradient is the *forward* depthwise convolution of the output gradient with the kernel
   rotated by 180 degrees; with stride s, s^2 such convolutions, one per phase of the input grid,
   each with the sub-kernel that phase saw (`_input_grad`);
-* the weight gradient of 5x5 kernels is computed in fp32, where oneDNN's kernel is fast.
+* the weight gradient of 5x5 kernels, slow in bf16, is assembled at stride 1 from four 3x3 ones
+  (oneDNN's bf16 3x3 kernel is fast) and otherwise computed in fp32.
 
 `depthwise_conv2d` takes this route when autograd needs it on the CPU, and is `F.conv2d` otherwise
 (inference, export, tracing, CUDA). Same numbers as `F.conv2d` within floating-point rounding
@@ -55,18 +56,54 @@ class _DepthwiseConv(torch.autograd.Function):
             grad_x = _input_grad(grad_out.to(x.dtype), weight.to(x.dtype), ctx.x_shape, ctx.stride, ctx.padding)
             grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            # oneDNN's bf16 weight gradient is fast for 3x3 kernels, 3-5x slower than fp32 for 5x5
-            # (whose fp32 cast costs less than the difference).
-            wide = x.dtype if weight.shape[-1] <= 3 else torch.promote_types(x.dtype, torch.float32)
-            grad_weight = torch.ops.aten.convolution_backward(
-                grad_out.to(wide), x.to(wide), weight.to(wide), None, ctx.stride, ctx.padding, [1, 1], False, [0, 0],
-                weight.shape[0], [False, True, False],
-            )[1].to(weight.dtype)  # fmt: skip
+            grad_weight = _weight_grad(grad_out, x, weight, ctx.stride, ctx.padding).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             # Summed in at least fp32: a bf16 sum over a batch of feature maps loses the gradient.
             grad_bias = grad_out.sum((0, 2, 3), dtype=torch.promote_types(grad_out.dtype, torch.float32))
             grad_bias = grad_bias.to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def _weight_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int]
+) -> torch.Tensor:
+    """d loss / d weight. oneDNN's bf16 weight gradient is fast for 3x3 kernels and slow for wider
+    ones (5x5: slower than fp32 even counting the casts). So at stride 1 a wide odd kernel's gradient
+    in bf16 is assembled from 3x3 windows (`_windowed_weight_grad`), and otherwise wide kernels are
+    computed in fp32, where oneDNN's kernel is fast (and the windows are not)."""
+    kernel = weight.shape[-1]
+    if kernel == weight.shape[-2] > 3 and kernel % 2 == 1 and stride == (1, 1) and x.dtype == torch.bfloat16:
+        return _windowed_weight_grad(grad_out.to(x.dtype), x, kernel, padding)
+    wide = x.dtype if kernel <= 3 else torch.promote_types(x.dtype, torch.float32)
+    return _aten_weight_grad(grad_out.to(wide), x.to(wide), kernel, stride, padding)
+
+
+def _aten_weight_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, kernel: int, stride: tuple[int, int], padding: tuple[int, int]
+) -> torch.Tensor:
+    channels = x.shape[1]
+    weight = torch.empty((channels, 1, kernel, kernel), dtype=x.dtype, device=x.device)  # only its shape is read
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, stride, padding, [1, 1], False, [0, 0], channels, [False, True, False]
+    )[1]
+
+
+def _windowed_weight_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, kernel: int, padding: tuple[int, int]
+) -> torch.Tensor:
+    """The stride-1 weight gradient of an odd `kernel` x `kernel` depthwise convolution, as 3x3 ones.
+
+    Tap (i, j) of the kernel collects sum over pixels o of grad[o] * x_padded[o + (i, j)]. The 3x3
+    window at offset (a, b) is the stride-1 weight gradient of a 3x3 kernel over x_padded shifted by
+    (a, b); windows at offsets 0, 2, ..., kernel - 3 cover every tap (overlapping taps agree)."""
+    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    rows, cols = grad_out.shape[-2:]
+    grad_weight = x.new_empty((x.shape[1], 1, kernel, kernel), dtype=torch.promote_types(x.dtype, torch.float32))
+    for top in range(0, kernel - 2, 2):
+        for left in range(0, kernel - 2, 2):
+            window = x[:, :, top : top + rows + 2, left : left + cols + 2]
+            grad_weight[:, :, top : top + 3, left : left + 3] = _aten_weight_grad(grad_out, window, 3, (1, 1), (0, 0))
+    return grad_weight
 
 
 def _input_grad(
