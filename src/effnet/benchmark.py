@@ -137,6 +137,7 @@ def ours_training(model: nn.Module, batch_size: int, img_size: int) -> Callable[
     model = runtime.prepare_model(model, device, config.channels_last).train()
     dtype = runtime.autocast_dtype(device, config.precision)
     if dtype is torch.bfloat16 and not model.grad_checkpointing:  # as in `effnet train`
+        runtime.choose_wide_bf16_route()
         example, _ = _batch(batch_size, img_size, config.channels_last)
         task = f"{model.config.name} (whole model)"
         runtime.set_stage_precision(model, runtime.choose_stage_precision(model, example, torch.bfloat16, task=task))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from effnet.files import atomic_write_text
-from effnet.models import fused
+from effnet.models import depthwise, fused
 from effnet.paths import cache_dir
 
 log = logging.getLogger("effnet")
@@ -404,6 +404,29 @@ def _time_stages(trial: nn.Module, example: torch.Tensor, dtype: torch.dtype, ro
         with torch.no_grad(), torch.autocast(device_type, dtype=dtype):
             x = stage(x).to(dtype)  # what the next stage gets from a neighbour computing in `dtype`
     return choices
+
+
+def choose_wide_bf16_route() -> None:
+    """How the depthwise bf16 weight gradient of 5x5 kernels at stride 1 is computed on this CPU
+    (`models.depthwise`: as 3x3 windows in bf16, or cast to fp32), measured once per machine (about
+    a second) and set for this process. Only where bf16 is native: elsewhere no default trains in it."""
+    if not cpu_supports_bf16():
+        return
+
+    def measure() -> str:
+        best = interleaved_best_seconds(depthwise.wide_bf16_route_calls(), rounds=3)
+        log.info("timed the depthwise 5x5 weight gradient under bf16 here: %s", _rates(best))
+        return min(best, key=best.get)
+
+    route, measured = remembered("depthwise 5x5 stride-1 weight gradient under bf16", measure)
+    if route not in depthwise.WIDE_BF16_ROUTES:  # a hand-edited file
+        route, measured = measure(), True
+    depthwise.set_wide_bf16_route(route)
+    log.info("depthwise 5x5 weight gradient under bf16: %s (%s)", route, "measured" if measured else "measured before")
+
+
+def _rates(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{name} {1e3 * value:.1f} ms" for name, value in seconds.items())
 
 
 def set_stage_precision(model: nn.Module, full_precision: list[bool]) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from effnet import create_model
+from effnet import create_model, runtime
+from effnet.models import depthwise
 from effnet.models.depthwise import _windowed_weight_grad, depthwise_conv2d
 from effnet.models.layers import make_conv
 
@@ -100,3 +102,55 @@ def test_bias_gradient_matches_f_conv2d() -> None:
         results.append((out, xr.grad, wr.grad, br.grad))
     for ours, reference in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture
+def restore_route():
+    yield
+    depthwise.set_wide_bf16_route("fp32")
+
+
+@pytest.mark.parametrize("route", depthwise.WIDE_BF16_ROUTES)
+def test_each_wide_bf16_route_gives_the_gradient_and_is_the_one_taken(route: str, monkeypatch, restore_route) -> None:
+    taken = []
+    windowed = depthwise._windowed_weight_grad
+    monkeypatch.setattr(depthwise, "_windowed_weight_grad", lambda *args: taken.append(1) or windowed(*args))
+    depthwise.set_wide_bf16_route(route)
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(16, 1, 5, 5) * 0.2
+    grads = []
+    for conv in (depthwise_conv2d, lambda x, w, b, s, p: F.conv2d(x, w, b, s, p, 1, w.shape[0])):
+        wr = weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x, wr, None, (1, 1), (2, 2))
+        out.float().square().mean().backward()
+        grads.append(wr.grad)
+    assert bool(taken) == (route == "windows")
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=2e-2 * grads[1].abs().max().item())
+    with pytest.raises(ValueError, match="unknown route"):
+        depthwise.set_wide_bf16_route("fastest")
+
+
+def test_the_runtime_measures_the_route_once_per_machine(monkeypatch, tmp_path, restore_route) -> None:
+    monkeypatch.setenv("EFFNET_CACHE", str(tmp_path))
+    monkeypatch.setenv("EFFNET_NATIVE_BF16", "1")
+    timed = []
+    slow_fp32 = {"windows": lambda: timed.append("windows"), "fp32": lambda: timed.append("fp32") or time.sleep(0.01)}
+    monkeypatch.setattr(depthwise, "wide_bf16_route_calls", lambda: slow_fp32)
+    runtime.choose_wide_bf16_route()
+    assert depthwise._wide_bf16_route == "windows" and timed
+    depthwise.set_wide_bf16_route("fp32")
+    timed.clear()
+    runtime.choose_wide_bf16_route()  # kept from the first run: not timed again
+    assert depthwise._wide_bf16_route == "windows" and not timed
+    monkeypatch.setenv("EFFNET_NATIVE_BF16", "0")  # no bf16 training here: nothing measured or changed
+    depthwise.set_wide_bf16_route("fp32")
+    runtime.choose_wide_bf16_route()
+    assert depthwise._wide_bf16_route == "fp32" and not timed
+
+
+def test_the_timed_routes_compute_the_same_gradient() -> None:
+    calls = depthwise.wide_bf16_route_calls(batch=2)
+    windows, fp32 = calls["windows"](), calls["fp32"]()
+    torch.testing.assert_close(windows, fp32, rtol=2e-2, atol=2e-2 * fp32.abs().max().item())

@@ -8,8 +8,8 @@ in bf16 (per-layer figures in benchmarks/README.md). Both have cheap equivalents
 * the input gradient is the *forward* depthwise convolution of the output gradient with the kernel
   rotated by 180 degrees; with stride s, s^2 such convolutions, one per phase of the input grid,
   each with the sub-kernel that phase saw (`_input_grad`);
-* the weight gradient of 5x5 kernels, slow in bf16, is assembled at stride 1 from four 3x3 ones
-  (oneDNN's bf16 3x3 kernel is fast) and otherwise computed in fp32.
+* the weight gradient of 5x5 kernels, slow in bf16, is computed in fp32, or at stride 1 assembled
+  from four 3x3 ones (oneDNN's bf16 3x3 kernel is fast) where that measured faster.
 
 `depthwise_conv2d` takes this route when autograd needs it on the CPU, and is `F.conv2d` otherwise
 (inference, export, tracing, CUDA). Same numbers as `F.conv2d` within floating-point rounding
@@ -17,6 +17,8 @@ in bf16 (per-layer figures in benchmarks/README.md). Both have cheap equivalents
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,15 +66,48 @@ class _DepthwiseConv(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
+# How the bf16 weight gradient of a wide kernel at stride 1 is computed: "windows" (3x3 ones) or
+# "fp32" (cast up). Which is faster depends on the CPU's kernels: `runtime.choose_wide_bf16_route`
+# measures it once per machine and sets it here for the run (the route itself does not change the
+# gradient beyond rounding). Until then, the fp32 route.
+WIDE_BF16_ROUTES = ("windows", "fp32")
+_wide_bf16_route = "fp32"
+
+
+def set_wide_bf16_route(route: str) -> None:
+    global _wide_bf16_route  # noqa: PLW0603 (a per-process kernel choice, as torch.backends' flags are)
+    if route not in WIDE_BF16_ROUTES:
+        raise ValueError(f"unknown route {route!r} for the wide depthwise weight gradient; use {WIDE_BF16_ROUTES}")
+    _wide_bf16_route = route
+
+
+def wide_bf16_route_calls(batch: int = 32) -> dict[str, Callable[[], torch.Tensor]]:
+    """Each route's weight gradient of two typical 5x5 stride-1 layers (B0/Lite0 stages 3 and 5 at
+    224 px), in bf16 channels-last: the calls `runtime.choose_wide_bf16_route` times."""
+    generator = torch.Generator().manual_seed(0)
+    layers = []
+    for channels, side in ((240, 28), (672, 14)):
+        x = torch.randn(batch, channels, side, side, generator=generator).bfloat16()
+        grad = torch.randn(batch, channels, side, side, generator=generator).bfloat16()
+        layers.append(
+            (grad.contiguous(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last))
+        )
+    return {
+        "windows": lambda: [_windowed_weight_grad(grad, x, 5, (2, 2)) for grad, x in layers][-1],
+        "fp32": lambda: [_aten_weight_grad(grad.float(), x.float(), 5, (1, 1), (2, 2)) for grad, x in layers][-1],
+    }
+
+
 def _weight_grad(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int]
 ) -> torch.Tensor:
     """d loss / d weight. oneDNN's bf16 weight gradient is fast for 3x3 kernels and slow for wider
-    ones (5x5: slower than fp32 even counting the casts). So at stride 1 a wide odd kernel's gradient
-    in bf16 is assembled from 3x3 windows (`_windowed_weight_grad`), and otherwise wide kernels are
-    computed in fp32, where oneDNN's kernel is fast (and the windows are not)."""
+    ones (5x5: slower than fp32 even counting the casts, on every CPU measured). So a wide kernel's
+    gradient is computed in fp32, or at stride 1, where the CPU measured it faster, assembled from
+    3x3 windows in bf16 (`_windowed_weight_grad`)."""
     kernel = weight.shape[-1]
-    if kernel == weight.shape[-2] > 3 and kernel % 2 == 1 and stride == (1, 1) and x.dtype == torch.bfloat16:
+    wide_odd = kernel == weight.shape[-2] > 3 and kernel % 2 == 1
+    if wide_odd and stride == (1, 1) and x.dtype == torch.bfloat16 and _wide_bf16_route == "windows":
         return _windowed_weight_grad(grad_out.to(x.dtype), x, kernel, padding)
     wide = x.dtype if kernel <= 3 else torch.promote_types(x.dtype, torch.float32)
     return _aten_weight_grad(grad_out.to(wide), x.to(wide), kernel, stride, padding)

@@ -36,6 +36,7 @@ from effnet.runtime import (
     autocast,
     autocast_dtype,
     choose_stage_precision,
+    choose_wide_bf16_route,
     keep_freed_memory,
     pick_device,
     prepare_model,
@@ -693,6 +694,7 @@ def _pick_stage_precision(run: _Run, trained: nn.Module) -> None:
         return
     if config.grad_checkpointing:
         return
+    choose_wide_bf16_route()  # the stages' bf16 timings below depend on it
     saved = run.state.stage_precision
     if saved and saved["trainable_from"] == run.trainable_from:
         choice = saved["full_precision"]
