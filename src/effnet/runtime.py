@@ -415,7 +415,8 @@ def choose_wide_bf16_route() -> None:
 
     def measure() -> str:
         best = interleaved_best_seconds(depthwise.wide_bf16_route_calls(), rounds=3)
-        log.info("timed the depthwise 5x5 weight gradient under bf16 here: %s", _rates(best))
+        rates = ", ".join(f"{name} {1e3 * seconds:.1f} ms" for name, seconds in best.items())
+        log.info("timed the depthwise 5x5 weight gradient under bf16 here: %s", rates)
         return min(best, key=best.get)
 
     route, measured = remembered("depthwise 5x5 stride-1 weight gradient under bf16", measure)
@@ -423,10 +424,6 @@ def choose_wide_bf16_route() -> None:
         route, measured = measure(), True
     depthwise.set_wide_bf16_route(route)
     log.info("depthwise 5x5 weight gradient under bf16: %s (%s)", route, "measured" if measured else "measured before")
-
-
-def _rates(seconds: dict[str, float]) -> str:
-    return ", ".join(f"{name} {1e3 * value:.1f} ms" for name, value in seconds.items())
 
 
 def set_stage_precision(model: nn.Module, full_precision: list[bool]) -> None:
